@@ -1,0 +1,1 @@
+"""Orchestration: the CLI, study specs, Ray Tune studies, storage and tracking."""

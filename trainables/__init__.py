@@ -1,0 +1,1 @@
+"""Compute in plain PyTorch: the MiniCPM model family, schedules, data, and the trial."""
