@@ -1,0 +1,336 @@
+"""Atomic, verifiable checkpoints of a training state, for resuming trials and pretraining.
+
+A checkpoint is a folder of four files:
+    model.safetensors  the weights; safetensors runs no code when read, tied weights stored once
+    optimizer.pt       the optimizer state_dict: torch.save, read with weights_only=True
+    state.json         the caller's JSON state: step, tokens seen, rng_state(), metadata
+    manifest.json      sha256 and size of each file above, written last
+The folder is built as a hidden sibling and moved into place by one rename (an atomic exchange
+when replacing an older checkpoint on Linux), so the destination holds either the previous
+checkpoint or the complete new one. Loading checks every file against the manifest first and
+refuses a missing, truncated or corrupt file with a CheckpointError that names it.
+
+    save_checkpoint(path, model, opt, {"step": step, "tokens_seen": n, "rng": rng_state()})
+    state = load_checkpoint(path, model, opt)
+    set_rng_state(state["rng"])
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_HASH_CHUNK_BYTES = 1 << 20
+# renameat2(2) constants from <fcntl.h> and <linux/fs.h>.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or does not fit; the message names the file."""
+
+
+# --- save ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> Path:
+    """Write model, optimizer and state as one checkpoint folder at `directory`; returns it.
+
+    `state` must hold JSON values only (tuples come back as lists). An existing checkpoint at
+    `directory` is replaced; any other non-empty folder there is refused, never overwritten.
+    """
+    dest = Path(directory)
+    _check_json(state, "state")
+    _check_replaceable(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one file system; mkdir honours the umask.
+    staging = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        _write_files(staging, model, optimizer, state)
+        _swap_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _write_files(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict
+) -> None:
+    save_model(model, str(folder / MODEL_FILE))
+    if optimizer is not None:
+        with open(folder / OPTIMIZER_FILE, "wb") as f:
+            torch.save(optimizer.state_dict(), f)
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    files = {path.name: _seal(path) for path in sorted(folder.iterdir())}
+    manifest = {"format_version": FORMAT_VERSION, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _seal(folder / MANIFEST_FILE)
+    _fsync_dir(folder)
+
+
+def _seal(path: Path) -> dict[str, Any]:
+    """Flush `path` to disk and return its manifest record {sha256, bytes}."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _fsync_dir(path: Path) -> None:
+    # Without this a power cut can lose the rename even though the files were flushed.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_replaceable(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is a file, not a checkpoint folder")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / MANIFEST_FILE).exists():
+        raise CheckpointError(
+            f"{dest}: exists and is not a checkpoint (no {MANIFEST_FILE}); refusing to replace "
+            "it: choose another directory or remove it"
+        )
+
+
+def _check_json(value: Any, where: str) -> None:
+    """Raise TypeError naming the first entry json.dumps would reject or silently change."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has key {key!r}: JSON keys must be str")
+            _check_json(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise TypeError(
+            f"{where} is a {type(value).__name__}: state must hold JSON values "
+            "(convert tensors and numpy numbers with .item() or .tolist())"
+        )
+
+
+# --- atomic replacement -------------------------------------------------------------------------
+
+
+def _swap_into_place(new: Path, dest: Path) -> None:
+    """Put the finished folder `new` at `dest`; readers see the old checkpoint or the new one."""
+    if not dest.exists():
+        os.replace(new, dest)
+    elif _exchange(new, dest):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the previous checkpoint
+    else:
+        # No atomic exchange here: for the instant between the two renames `dest` is absent,
+        # while the previous checkpoint stays complete at `old`.
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
+        os.replace(dest, old)
+        try:
+            os.replace(new, dest)
+        except BaseException:
+            os.replace(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # C libraries older than glibc 2.28
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # kernel or file system lacks it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+# --- verify and load ----------------------------------------------------------------------------
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file against manifest.json; raise CheckpointError naming the first bad one."""
+    folder = Path(directory)
+    files = _read_manifest(folder)
+    for required in (MODEL_FILE, STATE_FILE):
+        if required not in files:
+            raise CheckpointError(f"{folder / MANIFEST_FILE}: does not list {required}")
+    for name, record in files.items():
+        _verify_file(folder, name, record)
+
+
+def _read_manifest(folder: Path) -> dict[str, dict]:
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no checkpoint folder here")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, so {folder} is not a complete checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+        version, files = manifest["format_version"], manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from e
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        raise CheckpointError(f"{path}: 'files' must map each file name to its record")
+    return files
+
+
+def _verify_file(folder: Path, name: str, record: dict) -> None:
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{folder / MANIFEST_FILE}: lists {name!r}, not a plain file name")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise CheckpointError(
+            f"{path}: {size} bytes where {MANIFEST_FILE} records {record.get('bytes')}: "
+            "the file is truncated or was changed after saving"
+        )
+    actual = _seal(path)["sha256"]
+    expected = str(record.get("sha256"))
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: sha256 {actual[:16]}… does not match {expected[:16]}… in "
+            f"{MANIFEST_FILE}: the file is corrupt"
+        )
+
+
+def load_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Verify the checkpoint, load weights (and optimizer state if given), return the state.
+
+    On CheckpointError from a shape or name mismatch the model may be partly overwritten.
+    """
+    folder = Path(directory)
+    verify_checkpoint(folder)
+    try:
+        load_model(model, folder / MODEL_FILE, strict=True, device=str(map_location))
+    except (RuntimeError, ValueError, SafetensorError) as e:
+        raise CheckpointError(
+            f"{folder / MODEL_FILE}: does not fit {type(model).__name__}: {e}"
+        ) from e
+    if optimizer is not None:
+        _load_optimizer(folder / OPTIMIZER_FILE, optimizer, map_location)
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def _load_optimizer(
+    path: Path, optimizer: torch.optim.Optimizer, map_location: str | torch.device
+) -> None:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing: this checkpoint was saved without optimizer state; "
+            "pass optimizer=None to load the weights only"
+        )
+    try:
+        optimizer.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"{path}: does not fit {type(optimizer).__name__}: {type(e).__name__}: {e}"
+        ) from e
+
+
+# --- RNG state ----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNGs of Python, NumPy and torch (CPU, and each CUDA device), JSON-safe.
+
+    Generators the caller owns (numpy Generator, torch.Generator) are the caller's to store.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch_cpu": _encode(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = [_encode(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() returned. CUDA states are restored only where CUDA is present."""
+    try:
+        py, npy = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+        keys = np.asarray(npy["keys"], dtype=np.uint32)
+        np.random.set_state(
+            (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        )
+        torch.set_rng_state(_decode(state["torch_cpu"]))
+    except KeyError as e:
+        raise ValueError(f"rng state lacks key {e}; expected what rng_state() returns") from e
+    cuda = state.get("torch_cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(
+                f"rng state holds {len(cuda)} CUDA generators but "
+                f"{torch.cuda.device_count()} devices are visible"
+            )
+        torch.cuda.set_rng_state_all([_decode(s) for s in cuda])
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
