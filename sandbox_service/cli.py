@@ -1,0 +1,125 @@
+"""`sandbox`: the command line of the MiniCPM model sandbox.
+
+sandbox model minicpm-2.4b [--json]          # shape, parameter counts, FLOPs/token
+sandbox model --list                         # every preset
+sandbox run search_spaces/smoke.yaml         # run or resume a study on local Ray
+sandbox run FILE --address ray://head:10001 --storage s3://bucket/runs
+sandbox status [--storage URL]               # every study and its state
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sandbox_service import storage
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from trainables.shapes import PRESETS, describe, get_config
+
+    if args.list or not args.name:
+        for name in PRESETS:
+            d = describe(PRESETS[name])
+            print(
+                f"{name:14s} d={d['d_model']:5d} L={d['n_layers']:3d} "
+                f"N={d['non_embedding_params']:>14,d}"
+            )
+        print("micro-<width>  the CPU family, width 32..512 (e.g. micro-128)")
+        return 0
+    info = describe(get_config(args.name))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+        shown = f"{value:.4g}" if isinstance(value, float) else shown
+        print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sandbox_service.spec import load_spec
+    from sandbox_service.study import run_study
+
+    spec = load_spec(args.file)  # validated before anything starts
+    print(f"study {spec.name}: {spec.question}")
+    summary = run_study(
+        spec,
+        root=args.storage,
+        address=args.address,
+        wandb_mode=args.wandb_mode,
+        num_cpus=args.num_cpus,
+    )
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("status", "n_trials", "counts", "best", "wall_time_s")},
+            indent=2,
+        )
+    )
+    return 0 if summary["status"] == "complete" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sandbox_service.status import study_states
+
+    rows = study_states(args.storage)
+    if not rows:
+        print(f"no studies under {args.storage}")
+        return 0
+    print(f"{'study':24s} {'state':22s} {'trials':>6s}  best")
+    for row in rows:
+        print(f"{row['study']:24s} {row['state']:22s} {row['trials']:>6}  {row['best']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sandbox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("model", help="shape, parameter counts and FLOPs of a preset")
+    m.add_argument("name", nargs="?")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--list", action="store_true")
+    m.set_defaults(fn=cmd_model)
+    r = sub.add_parser("run", help="run or resume a study from a search-space file")
+    r.add_argument("file")
+    _storage_arg(r)
+    r.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    r.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None)
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("status", help="list studies and their state")
+    _storage_arg(s)
+    s.set_defaults(fn=cmd_status)
+    return p
+
+
+def _storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        default=storage.DEFAULT_ROOT,
+        help="storage root: a folder or fsspec URL (default: ./sandbox_runs)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sandbox_service.spec import SpecError
+    from sandbox_service.study import StudyError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SpecError, StudyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: one local Ray instance per test session, a private cache, the real corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tokenizers and token stores go to a session folder, never the user's cache."""
+    cache = tmp_path_factory.mktemp("sandbox-cache")
+    old = os.environ.get("SANDBOX_CACHE")
+    os.environ["SANDBOX_CACHE"] = str(cache)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    yield cache
+    if old is None:
+        os.environ.pop("SANDBOX_CACHE", None)
+    else:
+        os.environ["SANDBOX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_local(private_cache):
+    """A private local Ray (never joins another instance on the machine); shut down at the end."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"the test corpora folder {SHARED_DATA} is absent (it ships beside the repo)")
+    return SHARED_DATA

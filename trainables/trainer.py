@@ -1,0 +1,269 @@
+"""The training loop of one small μP model: a token budget, a schedule, evaluations, checkpoints.
+
+Plain PyTorch, no Ray: `train(...)` takes a `report(metrics, checkpoint_dir)` callback, so the
+same loop runs under Ray Tune (`trainables.trial`), in tests and in benchmarks. Batches are a pure
+function of (seed, step) and the checkpoint holds model, optimizer, step and RNG, so a resumed run
+continues the very same loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainables import checkpoint as ckpt
+from trainables.model import MiniCPM, build_optimizer, set_lr
+from trainables.schedules import ScheduleConfig, lr_at
+from trainables.shapes import ModelConfig, flops_per_token, non_embedding_params
+from trainables.tokens import TokenStore, bits_per_byte, sample_batch, val_batches
+
+Report = Callable[[dict, "Path | None"], None]
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW. MiniCPM-1's values are unpublished; defaults follow OpenBMB's later engine."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self):
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas}: each must be in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"eps={self.eps}: must be > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one model is trained: budget in tokens, batch, lr and its schedule, evaluation."""
+
+    lr: float = 0.01  # base lr η; μP scales hidden matrices by d_base/d (model.param_groups)
+    batch_size: int = 16  # sequences per optimizer step
+    seq_len: int = 128
+    tokens: int | None = None  # token budget; or tokens_per_param
+    tokens_per_param: float | None = None  # budget = this × non-embedding params (paper: 10·N)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval_every: int = 50  # steps between validation evaluations (and reports)
+    eval_tokens: int = 32768  # validation tokens per evaluation
+    checkpoint_every: int = 1  # checkpoint at every n-th evaluation; 0 = never
+    precision: str = "auto"  # "auto" = bf16 autocast where the device has bf16 matmuls
+    seed: int = 0
+    divergence_ratio: float = 1.5  # diverged if train loss > ratio × the step-0 loss, or not finite
+    threads: int = 0  # torch intra-op threads; 0 = leave as set by the environment
+
+    def __post_init__(self):
+        if (self.tokens is None) == (self.tokens_per_param is None):
+            raise ValueError("give exactly one of tokens or tokens_per_param")
+        positive = {
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "eval_every": self.eval_every,
+            "eval_tokens": self.eval_tokens,
+            "tokens": self.tokens or 1,
+            "tokens_per_param": self.tokens_per_param or 1,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name}={value}: must be > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
+        if self.checkpoint_every < 0 or self.threads < 0 or not self.divergence_ratio > 1:
+            raise ValueError("checkpoint_every and threads must be >= 0, divergence_ratio > 1")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def total_tokens(self, model_cfg: ModelConfig) -> int:
+        if self.tokens is not None:
+            return self.tokens
+        return int(self.tokens_per_param * non_embedding_params(model_cfg))
+
+    def total_steps(self, model_cfg: ModelConfig) -> int:
+        return max(1, round(self.total_tokens(model_cfg) / self.tokens_per_step))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware multiplies bf16 natively (CUDA, or CPUs with AMX/AVX512-BF16)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@torch.no_grad()
+def evaluate(
+    model: MiniCPM,
+    store: TokenStore,
+    cfg: TrainConfig,
+    amp: torch.dtype | None,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean validation loss (nats/token) over cfg.eval_tokens, and bits per byte."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in val_batches(store.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = model(x.to(device), y.to(device))
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train()
+    loss = total / max(count, 1)
+    bytes_ = round(count * store.val_bytes_per_token)
+    return loss, bits_per_byte(loss, count, bytes_)
+
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    store: TokenStore,
+    *,
+    report: Report | None = None,
+    resume_from: str | Path | None = None,
+    device: str = "auto",
+) -> dict:
+    """Train to the token budget; returns the last reported metrics (with `diverged`)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
+    amp = autocast_dtype(cfg.precision, dev)
+    torch.manual_seed(cfg.seed)
+    model = MiniCPM(model_cfg).to(dev)
+    opt = build_optimizer(
+        model,
+        cfg.lr,
+        betas=cfg.optimizer.betas,
+        eps=cfg.optimizer.eps,
+        weight_decay=cfg.optimizer.weight_decay,
+    )
+    state = {"step": 0, "first_loss": None, "elapsed_s": 0.0, "n_evals": 0}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, model, opt))
+    loop = _Loop(model_cfg, cfg, store, model, opt, amp, dev, report, state)
+    return loop.run()
+
+
+class _Loop:
+    """The step loop's state; split out so each phase (step, evaluate, report) stays short."""
+
+    def __init__(self, model_cfg, cfg, store, model, opt, amp, dev, report, state):
+        self.model_cfg, self.cfg, self.store = model_cfg, cfg, store
+        self.model, self.opt, self.amp, self.dev, self.report = model, opt, amp, dev, report
+        self.state = state
+        self.total_steps = cfg.total_steps(model_cfg)
+        self.flops_per_token = flops_per_token(model_cfg, cfg.seq_len)
+        self.window_loss, self.window_steps, self.window_t0 = 0.0, 0, time.perf_counter()
+        self.last_metrics: dict = {}
+
+    def run(self) -> dict:
+        while self.state["step"] < self.total_steps:
+            loss = self.step()
+            if self.diverged(loss):
+                return self.emit(val=None, diverged=True)
+            last = self.state["step"] == self.total_steps
+            if last or self.state["step"] % self.cfg.eval_every == 0:
+                self.emit(val=evaluate(self.model, self.store, self.cfg, self.amp, self.dev))
+        return self.last_metrics
+
+    def step(self) -> float:
+        step = self.state["step"]
+        lr = lr_at(step, self.total_steps, self.cfg.lr, self.cfg.schedule)
+        set_lr(self.opt, lr)
+        x, y = sample_batch(
+            self.store.train, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, step
+        )
+        with torch.autocast(
+            self.dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+        ):
+            loss = self.model(x.to(self.dev), y.to(self.dev))
+        loss.backward()
+        if self.cfg.optimizer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        if self.state["first_loss"] is None:
+            self.state["first_loss"] = value
+        self.state["step"] = step + 1
+        self.state["lr"] = lr
+        self.window_loss += value
+        self.window_steps += 1
+        return value
+
+    def diverged(self, loss: float) -> bool:
+        limit = self.cfg.divergence_ratio * self.state["first_loss"]
+        return not math.isfinite(loss) or loss > limit
+
+    def emit(self, val: tuple[float, float] | None, diverged: bool = False) -> dict:
+        now = time.perf_counter()
+        window_s = now - self.window_t0
+        self.state["elapsed_s"] += window_s
+        self.state["n_evals"] += 1
+        metrics = self.metrics(val, diverged, window_s)
+        self.window_loss, self.window_steps, self.window_t0 = 0.0, 0, time.perf_counter()
+        self.last_metrics = metrics
+        if self.report is None:
+            return metrics
+        every = self.cfg.checkpoint_every
+        if diverged or not every or self.state["n_evals"] % every:
+            self.report(metrics, None)
+            return metrics
+        with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as d:
+            ckpt.save_checkpoint(Path(d) / "state", self.model, self.opt, self.state)
+            self.report(metrics, Path(d))
+        self.window_t0 = time.perf_counter()  # checkpoint I/O is not training time
+        return metrics
+
+    def metrics(self, val, diverged: bool, window_s: float) -> dict:
+        step = self.state["step"]
+        tokens = step * self.cfg.tokens_per_step
+        window_tokens = self.window_steps * self.cfg.tokens_per_step
+        # A diverged trial reports the uniform-prediction loss ln(V): finite, so every searcher
+        # can rank it, and no better than chance; the `diverged` column says what happened.
+        chance = math.log(self.model_cfg.vocab_size)
+        val_loss, val_bpb = val if val is not None else (chance, float("nan"))
+        train_loss = self.window_loss / max(self.window_steps, 1)
+        return {
+            "step": step,
+            "tokens": tokens,
+            "flops": self.flops_per_token * tokens,
+            "train_loss": train_loss if math.isfinite(train_loss) else chance,
+            "val_loss": val_loss,
+            "val_bpb": val_bpb,
+            "lr": self.state.get("lr", 0.0),
+            "tokens_per_s": window_tokens / max(window_s, 1e-9),
+            "elapsed_s": self.state["elapsed_s"],
+            "diverged": diverged,
+            "completed": diverged or step >= self.total_steps,
+            "total_steps": self.total_steps,
+            "progress": step / self.total_steps,
+        }

@@ -1,0 +1,111 @@
+"""The Ray Tune trial: a plain function of a config dict that trains one model and reports.
+
+The config dict is what a study's search space resolves to:
+
+    {"model": {"preset": "micro-64", "scale_emb": 12.0, ...},   # trainables.shapes.get_config
+     "train": {"lr": 0.01, "tokens": 2_000_000, ...},            # trainables.trainer.TrainConfig
+     "data": {"sources": ["embedded:python-stdlib"], ...},       # trainables.data.DataConfig
+     "runtime": {"study": "smoke", "cache_dir": ..., "wandb": {...}, "wandb_mode": ..., ...}}
+
+`parse_trial_config` turns it into typed configs (clear errors on bad values) without Ray, so the
+trial runs the same in a test, a benchmark, or under Tune (`tune_trial`, the only Ray code here).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainables import data
+from trainables.dictconfig import ConfigError, from_dict
+from trainables.shapes import ModelConfig, get_config
+from trainables.tracking import TrialTracker, WandbConfig
+from trainables.trainer import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    model: ModelConfig
+    train: TrainConfig
+    data: data.DataConfig
+    runtime: dict
+
+
+def model_config(section: dict, where: str = "model") -> ModelConfig:
+    """`{"preset": NAME, **overrides}` → ModelConfig, with errors naming the key."""
+    if not isinstance(section, dict) or "preset" not in section:
+        raise ConfigError(
+            f"{where}.preset: required (a preset name such as micro-64 or "
+            "minicpm-2.4b; see `sandbox model --list`)"
+        )
+    overrides = {k: v for k, v in section.items() if k != "preset"}
+    try:
+        return get_config(section["preset"], **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_trial_config(config: dict) -> TrialConfig:
+    return TrialConfig(
+        model=model_config(config.get("model", {})),
+        train=from_dict(TrainConfig, config.get("train", {}), "train"),
+        data=from_dict(data.DataConfig, config.get("data", {}), "data"),
+        runtime=dict(config.get("runtime", {})),
+    )
+
+
+def tune_trial(config: dict) -> None:
+    """Ray Tune function trainable: resumes from `tune.get_checkpoint()` when Tune restarts it."""
+    from ray import tune
+
+    cfg = parse_trial_config(config)
+    store = data.prepare(cfg.data, cfg.runtime.get("cache_dir"))
+    context = tune.get_context()
+    tracker = _tracker(cfg, config, context.get_trial_name())
+    resume_dir = _restore_checkpoint(tune.get_checkpoint())
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        tracker.log(metrics)
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    try:
+        train(
+            cfg.model,
+            cfg.train,
+            store,
+            report=report,
+            resume_from=resume_dir / "state" if resume_dir else None,
+        )
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+    tracker.finish()
+
+
+def _tracker(cfg: TrialConfig, config: dict, trial_name: str) -> TrialTracker:
+    runtime = cfg.runtime
+    wandb_cfg = from_dict(WandbConfig, runtime.get("wandb", {}), "tracking.wandb")
+    return TrialTracker(
+        wandb_cfg,
+        mode=runtime.get("wandb_mode", "disabled"),
+        group=runtime.get("study", "study"),
+        name=trial_name,
+        config={k: v for k, v in config.items() if k != "runtime"},
+        directory=runtime.get("wandb_dir"),
+    )
+
+
+def _restore_checkpoint(checkpoint) -> Path | None:
+    """Copy Tune's checkpoint to a local folder (it may live on remote storage)."""
+    if checkpoint is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="trial-resume-"))
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    return local
