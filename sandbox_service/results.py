@@ -39,11 +39,6 @@ def tune_trials(grid) -> list:
     return list(grid._experiment_analysis.trials)
 
 
-def unfinished(grid) -> int:
-    """Trials neither terminated nor errored: the run was interrupted before they ended."""
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in tune_trials(grid))
-
-
 def trial_status(metrics: dict, error: Exception | None) -> str:
     if error is not None:
         return "error"

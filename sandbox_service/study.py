@@ -44,14 +44,17 @@ def run_study(
     store_root = prepare_data(spec)
     runtime = _runtime(spec, url, wandb_mode)
     init_ray(address, num_cpus)
-    tuner = build_tuner(spec, url, runtime, verbose)
+    from sandbox_service.tune_callbacks import CompletionTracker
+
+    tracker = CompletionTracker()
+    tuner = build_tuner(spec, url, runtime, verbose, callbacks=[tracker])
     started = time.time()
     status.mark_running(url)
     try:
         grid = tuner.fit()
     finally:
         status.clear_running(url)
-    left = results.unfinished(grid)
+    left = tracker.unfinished()
     if left:
         raise StudyError(
             f"study {spec.name} was interrupted with {left} trials unfinished; "
@@ -154,7 +157,7 @@ def to_tune(dist: Distribution, tune):
     }[dist.kind]()
 
 
-def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1):
+def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1, callbacks=()):
     from ray import tune
 
     trainable = tune.with_resources(
@@ -163,13 +166,16 @@ def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1):
     exp_path = storage.join(url, "tune")
     if tune.Tuner.can_restore(exp_path):
         print(f"resuming {exp_path}: finished trials are kept, unfinished ones continue")
-        return tune.Tuner.restore(
+        tuner = tune.Tuner.restore(
             exp_path,
             trainable,
             resume_unfinished=True,
             resume_errored=True,
             param_space=param_space(spec, runtime),
         )
+        # Restore brings back the pickled RunConfig; this run's callbacks replace the old ones.
+        tuner._local_tuner._run_config.callbacks = list(callbacks)
+        return tuner
     s = spec.search
     searcher = _searcher(spec)
     tune_config = tune.TuneConfig(
@@ -190,6 +196,7 @@ def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1):
         verbose=verbose,
         failure_config=tune.FailureConfig(max_failures=2),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=list(callbacks),
     )
     return tune.Tuner(
         trainable,

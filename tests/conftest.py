@@ -38,3 +38,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"the test corpora folder {SHARED_DATA} is absent (it ships beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_store(private_cache):
+    """A real token store: tinyshakespeare when the shared corpora exist, else the stdlib corpus."""
+    from trainables.corpus import EMBEDDED
+    from trainables.data import DataConfig, prepare
+
+    corpus = SHARED_DATA / "tinyshakespeare.txt"
+    source = str(corpus) if corpus.exists() else EMBEDDED
+    return prepare(DataConfig(sources=(source,), vocab_size=512, max_chars=300_000))

@@ -168,6 +168,7 @@ def train(
     state = {"step": 0, "first_loss": None, "elapsed_s": 0.0, "n_evals": 0}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, model, opt))
+        ckpt.set_rng_state(state.pop("rng"))
     loop = _Loop(model_cfg, cfg, store, model, opt, amp, dev, report, state)
     return loop.run()
 
@@ -238,7 +239,8 @@ class _Loop:
             self.report(metrics, None)
             return metrics
         with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as d:
-            ckpt.save_checkpoint(Path(d) / "state", self.model, self.opt, self.state)
+            state = {**self.state, "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(Path(d) / "state", self.model, self.opt, state)
             self.report(metrics, Path(d))
         self.window_t0 = time.perf_counter()  # checkpoint I/O is not training time
         return metrics
