@@ -27,6 +27,9 @@ TABLE_8 = {
     "0.241b": "241.2",
     "0.499b": "498.6",
 }
+SHAPE = dict(
+    d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=640, vocab_size=512, max_seq_len=64
+)
 MICRO_WIDTHS = [32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]
 
 
@@ -99,6 +102,11 @@ def test_get_config_errors_list_what_is_allowed():
         get_config("0.009b", n_layers=0)
 
 
+def test_shape_fields_are_required():
+    with pytest.raises(TypeError, match="d_model"):
+        ModelConfig(**{k: v for k, v in SHAPE.items() if k != "d_model"})
+
+
 @pytest.mark.parametrize(
     "field,value",
     [
@@ -118,12 +126,12 @@ def test_get_config_errors_list_what_is_allowed():
 )
 def test_validation_names_the_field_and_value(field, value):
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
-        ModelConfig(**{field: value})
+        ModelConfig(**{**SHAPE, field: value})
 
 
 def test_odd_head_dim_is_rejected_for_rope():
     with pytest.raises(ValueError, match="even"):
-        ModelConfig(d_model=60, n_heads=4, n_kv_heads=4)
+        ModelConfig(**{**SHAPE, "d_model": 60})
 
 
 def test_flops_per_token_palm_formula():

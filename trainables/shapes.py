@@ -33,9 +33,9 @@ _INT_FIELDS = (
 _FLOAT_FIELDS = ("scale_emb", "scale_depth", "init_std", "rope_theta", "norm_eps")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Shape and μP constants of one MiniCPM decoder (facts §1).
+    """Shape and μP constants of one MiniCPM decoder (facts §1); shape fields are required.
 
     ``dim_model_base`` is μP's base width d_base: hidden matrices init at
     ``init_std / sqrt(d / d_base)``, train at ``lr · d_base / d`` and the readout is divided by
@@ -43,13 +43,13 @@ class ModelConfig:
     """
 
     name: str = "custom"
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    d_ff: int = 640
-    vocab_size: int = 4096
-    max_seq_len: int = 256
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
     dim_model_base: int = 256  # μP base width d_base (MiniCPM: 256)
     scale_emb: float = 12.0  # h0 = Embedding(ids) · scale_emb
     scale_depth: float = 1.4  # each residual branch is scaled by scale_depth / sqrt(L)
