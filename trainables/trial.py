@@ -48,12 +48,22 @@ def model_config(section: dict, where: str = "model") -> ModelConfig:
 
 
 def parse_trial_config(config: dict) -> TrialConfig:
-    return TrialConfig(
-        model=model_config(config.get("model", {})),
-        train=from_dict(TrainConfig, config.get("train", {}), "train"),
-        data=from_dict(data.DataConfig, config.get("data", {}), "data"),
-        runtime=dict(config.get("runtime", {})),
-    )
+    """Typed configs; the model's vocabulary defaults to the tokenizer's (data.vocab_size)."""
+    data_cfg = from_dict(data.DataConfig, config.get("data", {}), "data")
+    section = dict(config.get("model", {}))
+    given = section.setdefault("vocab_size", data_cfg.vocab_size)
+    if given != data_cfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {given} differs from data.vocab_size {data_cfg.vocab_size}; "
+            "drop model.vocab_size (it follows the tokenizer) or make them equal"
+        )
+    model = model_config(section)
+    train_cfg = from_dict(TrainConfig, config.get("train", {}), "train")
+    if train_cfg.seq_len > model.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len: {train_cfg.seq_len} exceeds model.max_seq_len {model.max_seq_len}"
+        )
+    return TrialConfig(model, train_cfg, data_cfg, dict(config.get("runtime", {})))
 
 
 def tune_trial(config: dict) -> None:
