@@ -184,6 +184,7 @@ class _Loop:
         self.flops_per_token = flops_per_token(model_cfg, cfg.seq_len)
         self.window_loss, self.window_steps, self.window_t0 = 0.0, 0, time.perf_counter()
         self.last_metrics: dict = {}
+        self.train_s = 0.0  # training seconds of the current window, evaluation excluded
 
     def run(self) -> dict:
         while self.state["step"] < self.total_steps:
@@ -192,6 +193,7 @@ class _Loop:
                 return self.emit(val=None, diverged=True)
             last = self.state["step"] == self.total_steps
             if last or self.state["step"] % self.cfg.eval_every == 0:
+                self.train_s = time.perf_counter() - self.window_t0  # evaluation excluded
                 self.emit(val=evaluate(self.model, self.store, self.cfg, self.amp, self.dev))
         return self.last_metrics
 
@@ -225,8 +227,7 @@ class _Loop:
         return not math.isfinite(loss) or loss > limit
 
     def emit(self, val: tuple[float, float] | None, diverged: bool = False) -> dict:
-        now = time.perf_counter()
-        window_s = now - self.window_t0
+        window_s = self.train_s if val is not None else time.perf_counter() - self.window_t0
         self.state["elapsed_s"] += window_s
         self.state["n_evals"] += 1
         metrics = self.metrics(val, diverged, window_s)
