@@ -59,7 +59,7 @@ class TrainConfig:
     eval_every: int = 50  # steps between validation evaluations (and reports)
     eval_tokens: int = 32768  # validation tokens per evaluation
     checkpoint_every: int = 1  # checkpoint at every n-th evaluation; 0 = never
-    precision: str = "auto"  # "auto" = bf16 autocast where the device has bf16 matmuls
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (see autocast_dtype)
     seed: int = 0
     divergence_ratio: float = 1.5  # diverged if train loss > ratio × the step-0 loss, or not finite
     threads: int = 0  # torch intra-op threads; 0 = leave as set by the environment
@@ -98,22 +98,20 @@ class TrainConfig:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware multiplies bf16 natively (CUDA, or CPUs with AMX/AVX512-BF16)."""
+    """The autocast dtype, or None for plain fp32.
+
+    `auto` is bf16 on CUDA devices that support it and fp32 on CPUs: on a 2-core AMX CPU,
+    bf16 autocast was no faster than fp32 at micro sizes (bench/throughput.py, docs/benchmarks.md)
+    because the step is dominated by element-wise work that autocast keeps in fp32.
+    Ask for `bf16` explicitly to use it on a CPU anyway.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if _cpu_has_bf16() else None
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 @torch.no_grad()
