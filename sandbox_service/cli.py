@@ -75,6 +75,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coordcheck(args: argparse.Namespace) -> int:
+    from trainables import coordcheck
+
+    coordcheck.run(args)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sandbox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="list studies and their state")
     _storage_arg(s)
     s.set_defaults(fn=cmd_status)
+    c = sub.add_parser("coordcheck", help="μP coordinate check: activation scale vs width")
+    from trainables.coordcheck import add_arguments
+
+    add_arguments(c)
+    c.set_defaults(fn=cmd_coordcheck)
     return p
 
 

@@ -25,10 +25,19 @@ SPEC = {
     "question": "Does a tiny grid run, record and resume?",
     "model": {"preset": "micro-32", "vocab_size": 512},
     "data": {"vocab_size": 512, "max_chars": 300_000},
-    "train": {"tokens": 24 * 4 * 32, "batch_size": 4, "seq_len": 32, "eval_every": 8,
-              "eval_tokens": 1024, "precision": "fp32"},
-    "search": {"algorithm": "grid", "space": {"train.lr": {"grid": [0.003, 0.01, 0.03]}},
-               "max_concurrent": 2},
+    "train": {
+        "tokens": 24 * 4 * 32,
+        "batch_size": 4,
+        "seq_len": 32,
+        "eval_every": 8,
+        "eval_tokens": 1024,
+        "precision": "fp32",
+    },
+    "search": {
+        "algorithm": "grid",
+        "space": {"train.lr": {"grid": [0.003, 0.01, 0.03]}},
+        "max_concurrent": 2,
+    },
     "resources": {"cpu": 1},
     "tracking": {"wandb": {"mode": "offline"}},
 }
@@ -83,8 +92,11 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_local, 
     with pytest.raises(StudyError, match="interrupted with [12] trials unfinished"):
         run_study(spec, root=str(tmp_path), verbose=0)
     assert study_states(str(tmp_path))[0]["state"] == "interrupted"
-    done = {p.parent.name: p.read_text() for p in exp_dir.glob("*/result.json")
-            if '"completed": true' in p.read_text()}
+    done = {
+        p.parent.name: p.read_text()
+        for p in exp_dir.glob("*/result.json")
+        if '"completed": true' in p.read_text()
+    }
     assert done
     summary = run_study(spec, root=str(tmp_path), verbose=0)
     assert summary["counts"] == {"completed": 3}
@@ -102,15 +114,10 @@ def test_changed_spec_is_not_resumed(ray_local, tmp_path):
 
 def test_bad_spec_launches_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nquestion: q\nmodel: {preset: micro-32}\n"
-                   "train: {tokens: 100, lr: -1}\n")
+    bad.write_text(
+        "name: x\nquestion: q\nmodel: {preset: micro-32}\ntrain: {tokens: 100, lr: -1}\n"
+    )
     assert cli.main(["run", str(bad), "--storage", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "lr=-1" in err
     assert not (tmp_path / "runs").exists()
-
-
-def test_model_command_reports_the_paper_count(capsys):
-    assert cli.main(["model", "minicpm-2.4b", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["non_embedding_params"] == 2_442_057_984

@@ -4,7 +4,8 @@ Train models of growing width a few AdamW steps on one fixed batch and record th
 embedding output, every block's output and the logits. Under μP these curves stay flat in width
 after training; under the standard parametrisation they grow (the updates ΔW·x scale like width).
 
-    python -m trainables.coordcheck --widths 64 128 256 512 --out coordcheck.png
+    sandbox coordcheck --widths 64 128 256 512 --out coordcheck.png
+    python -m trainables.coordcheck ...   # the same, without the CLI
 
 prints the slope of log mean|x| against log width for each module and writes mup-style plots.
 """
@@ -158,19 +159,28 @@ def _plot_panel(ax, records: Sequence[Record], step: int) -> None:
     ax.set_yscale("log")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out", default="coordcheck.png")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Both parametrisations over args.widths: print the slopes, write the plot."""
     results = [coord_check(args.widths, p, steps=args.steps, lr=args.lr) for p in ("mup", "sp")]
     for res in results:
         slopes = {m: round(width_slopes(res["records"], m), 3) for m in modules(res["records"])}
         print(f"{res['parametrization']}: slope of log mean|x| vs log width: {slopes}")
     plot(results, args.out)
     print(f"wrote {args.out}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
