@@ -20,6 +20,8 @@ from sandbox_service.spec import StudySpec
 
 KEEP = (
     "step",
+    "own_tokens",
+    "own_flops",
     "tokens",
     "flops",
     "train_loss",
@@ -51,34 +53,40 @@ def searched_columns(spec: StudySpec) -> list[str]:
     return [f"config/{d.path.replace('.', '/')}" for d in spec.space]
 
 
-def tables(grid, spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, history) frames from a ResultGrid."""
+def tables(grids, spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) frames from the ResultGrids of a study's phases."""
     rows, curves = [], []
-    for result, trial in zip(grid, tune_trials(grid), strict=True):
-        metrics = result.metrics or {}
-        trial_id = trial.trial_id
-        row = {"trial_id": trial_id, "status": trial_status(metrics, result.error)}
-        row.update(_flat_config(result.config or {}, spec))
-        row.update({k: metrics.get(k) for k in KEEP})
-        if result.error is not None:
-            row["error"] = str(result.error).splitlines()[0][:300]
-        rows.append(row)
-        frame = result.metrics_dataframe
-        if frame is not None and len(frame):
-            keep = [c for c in KEEP if c in frame.columns]
-            curves.append(frame[keep].assign(trial_id=trial_id))
+    for grid in grids:
+        for result, trial in zip(grid, tune_trials(grid), strict=True):
+            metrics = result.metrics or {}
+            row = {"trial_id": trial.trial_id, "status": trial_status(metrics, result.error)}
+            row.update(_flat_config(result.config or {}, spec))
+            row.update({k: metrics.get(k) for k in KEEP})
+            if result.error is not None:
+                row["error"] = str(result.error).splitlines()[0][:300]
+            rows.append(row)
+            frame = result.metrics_dataframe
+            if frame is not None and len(frame):
+                keep = [c for c in KEEP if c in frame.columns]
+                curves.append(frame[keep].assign(trial_id=trial.trial_id))
     history = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=KEEP)
     return pd.DataFrame(rows), history
 
 
 def _flat_config(config: dict, spec: StudySpec) -> dict:
-    """The searched values of one trial as `config/a/b` columns (the rest is in spec.yaml)."""
+    """The searched values of one trial as `config/a/b` columns (the rest is in spec.yaml), and
+    for a branched trial its `branch/...` columns (phase, stable trial and step, decay)."""
+    config = config.get("variant", config)
     out = {}
     for dist in spec.space:
         node = config
         for key in dist.path.split("."):
             node = node.get(key) if isinstance(node, dict) else None
         out[f"config/{dist.path.replace('.', '/')}"] = node
+    branch = config.get("branch")
+    if spec.branching is not None:
+        branch = branch or {"phase": "stable"}
+    out.update({f"branch/{k}": v for k, v in (branch or {}).items()})
     return out
 
 
@@ -117,8 +125,8 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def write(grid, spec: StudySpec, url: str, wall_time_s: float) -> dict:
-    trials, history = tables(grid, spec)
+def write(grids, spec: StudySpec, url: str, wall_time_s: float) -> dict:
+    trials, history = tables(grids, spec)
     summary = summarize(trials, spec, wall_time_s)
     storage.write_text(storage.join(url, "trials.csv"), trials.to_csv(index=False))
     storage.write_text(storage.join(url, "history.csv"), history.to_csv(index=False))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_service import yaml_safe
+from sandbox_service.branching import BranchingSpec
 from trainables.data import DataConfig
 from trainables.dictconfig import ConfigError, from_dict, to_dict
 from trainables.tracking import WandbConfig
@@ -129,6 +130,8 @@ class _SpecFile:
     search: SearchSpec = field(default_factory=SearchSpec)
     resources: Resources = field(default_factory=Resources)
     tracking: Tracking = field(default_factory=Tracking)
+    branching: BranchingSpec | None = None
+    analysis: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class StudySpec:
     tracking: Tracking
     space: tuple[Distribution, ...]
     source: str
+    branching: BranchingSpec | None = None  # WSD decays branched from stable runs
+    analysis: dict = field(default_factory=dict)  # what `sandbox report` fits
     raw: dict = field(default_factory=dict, compare=False)  # the file as written
 
     def base_config(self) -> dict:
@@ -163,11 +168,14 @@ class StudySpec:
             "search": to_dict(self.search),
             "resources": to_dict(self.resources),
             "tracking": to_dict(self.tracking),
+            "branching": to_dict(self.branching),
+            "analysis": self.analysis,
         }
 
     def fingerprint(self) -> str:
-        """Hash of the file as written, less tracking: a rerun may resume only the same study."""
-        d = {k: v for k, v in self.raw.items() if k != "tracking"}
+        """Hash of the file as written, less tracking and analysis (they change no trial): a
+        rerun may resume only the same study."""
+        d = {k: v for k, v in self.raw.items() if k not in ("tracking", "analysis")}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -196,9 +204,16 @@ def parse_spec(raw: Any, source: str = "<spec>") -> StudySpec:
             space=space,
             source=source,
             raw=copy.deepcopy(raw),
+            branching=top.branching,
+            analysis=top.analysis,
         )
         _check_search(spec)
         _check_trials(spec)
+        _check_branching(spec)
+        if spec.analysis:
+            from sandbox_service import analysis
+
+            analysis.validate(spec.analysis, spec)
     except ConfigError as e:
         raise SpecError(f"{source}: {e}") from None
     return spec
@@ -277,6 +292,21 @@ def _check_trials(spec: StudySpec) -> None:
                 raise ConfigError(
                     f"search.space.{dist.path}: value {value!r} is invalid: {e}"
                 ) from None
+
+
+FIXED_IN_BRANCHING = ("train.batch_size", "train.seq_len", "train.tokens", "train.schedule")
+
+
+def _check_branching(spec: StudySpec) -> None:
+    """Branches share their stable run's batches and schedule, so those may not be searched."""
+    if spec.branching is None:
+        return
+    for dist in spec.space:
+        if dist.path.startswith(FIXED_IN_BRANCHING) or dist.path == "train.tokens_per_param":
+            raise ConfigError(
+                f"search.space.{dist.path}: a branching study fixes the batch, "
+                "sequence length, budget and schedule of its stable runs"
+            )
 
 
 def set_path(config: dict, path: str, value: Any) -> dict:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 
-from sandbox_service import results, status, storage
+from sandbox_service import branching, results, status, storage
 from sandbox_service.spec import Distribution, StudySpec, set_path
 from trainables import data
 from trainables.dictconfig import to_dict
@@ -44,25 +45,70 @@ def run_study(
     store_root = prepare_data(spec)
     runtime = _runtime(spec, url, wandb_mode)
     init_ray(address, num_cpus)
-    from sandbox_service.tune_callbacks import CompletionTracker
-
-    tracker = CompletionTracker()
-    tuner = build_tuner(spec, url, runtime, verbose, callbacks=[tracker])
     started = time.time()
     status.mark_running(url)
     try:
-        grid = tuner.fit()
+        grids = [fit_phase(spec, url, main_phase(spec, runtime), verbose)]
+        if spec.branching is not None:
+            decay = decay_phase(spec, runtime, grids[0])
+            grids.append(fit_phase(spec, url, decay, verbose))
     finally:
         status.clear_running(url)
+    summary = results.write(grids, spec, url, wall_time_s=time.time() - started)
+    summary["token_store"] = store_root
+    return summary
+
+
+@dataclass
+class Phase:
+    """One Tuner run of a study: the main search, or the decays branched from it."""
+
+    name: str  # the experiment folder under the study
+    space: dict
+    algorithm: str
+    num_samples: int
+    scheduler: bool  # whether the spec's scheduler (ASHA) applies
+
+
+def main_phase(spec: StudySpec, runtime: dict) -> Phase:
+    space = param_space(spec, runtime)
+    if spec.branching is not None:
+        tokens_per_step = parse_trial_config(spec.base_config()).train.tokens_per_step
+        space["train"] = branching.stable_train(space["train"], spec.branching, tokens_per_step)
+    return Phase("tune", space, spec.search.algorithm, spec.search.num_samples, True)
+
+
+def decay_phase(spec: StudySpec, runtime: dict, stable_grid) -> Phase:
+    """Grid over whole trial configs: every decay (and cosine baseline) of every stable run."""
+    from ray import tune
+
+    stable = [
+        (t.trial_id, {k: v for k, v in t.config.items() if k != "runtime"})
+        for t in results.tune_trials(stable_grid)
+        if (t.last_result or {}).get("completed") and not t.last_result.get("diverged")
+    ]
+    if not stable:
+        raise StudyError(f"study {spec.name}: no stable run completed, so nothing to branch from")
+    tokens_per_step = parse_trial_config(spec.base_config()).train.tokens_per_step
+    variants = branching.branch_variants(
+        stable, spec.branching, tokens_per_step, runtime["save_root"]
+    )
+    space = {"variant": tune.grid_search(variants), "runtime": runtime}
+    return Phase("tune-decay", space, "grid", 1, False)
+
+
+def fit_phase(spec: StudySpec, url: str, phase: Phase, verbose: int):
+    from sandbox_service.tune_callbacks import CompletionTracker
+
+    tracker = CompletionTracker()
+    grid = build_tuner(spec, url, phase, verbose, callbacks=[tracker]).fit()
     left = tracker.unfinished()
     if left:
         raise StudyError(
             f"study {spec.name} was interrupted with {left} trials unfinished; "
             f"rerun `sandbox run {spec.source}` to resume it"
         )
-    summary = results.write(grid, spec, url, wall_time_s=time.time() - started)
-    summary["token_store"] = store_root
-    return summary
+    return grid
 
 
 def claim(spec: StudySpec, url: str) -> None:
@@ -113,7 +159,20 @@ def _runtime(spec: StudySpec, url: str, wandb_mode: str | None) -> dict:
         "wandb": to_dict(spec.tracking.wandb),
         "wandb_mode": mode,
         "wandb_dir": wandb_dir,
+        "save_root": _save_root(spec, url),
     }
+
+
+def _save_root(spec: StudySpec, url: str) -> str | None:
+    """Where stable runs keep the checkpoints their decays branch from (a shared path)."""
+    if spec.branching is None:
+        return None
+    if not storage.is_local(url):
+        raise StudyError(
+            f"{spec.source}: branching keeps stable checkpoints on a file system "
+            f"path every node can read (local disk or NFS), not {url}"
+        )
+    return str(storage.local_path(url) / "stable")
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -157,13 +216,13 @@ def to_tune(dist: Distribution, tune):
     }[dist.kind]()
 
 
-def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1, callbacks=()):
+def build_tuner(spec: StudySpec, url: str, phase: Phase, verbose: int = 1, callbacks=()):
     from ray import tune
 
     trainable = tune.with_resources(
         tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
-    exp_path = storage.join(url, "tune")
+    exp_path = storage.join(url, phase.name)
     if tune.Tuner.can_restore(exp_path):
         print(f"resuming {exp_path}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(
@@ -171,27 +230,26 @@ def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1, call
             trainable,
             resume_unfinished=True,
             resume_errored=True,
-            param_space=param_space(spec, runtime),
+            param_space=phase.space,
         )
         # Restore brings back the pickled RunConfig; this run's callbacks replace the old ones.
         tuner._local_tuner._run_config.callbacks = list(callbacks)
         return tuner
     s = spec.search
-    searcher = _searcher(spec)
     tune_config = tune.TuneConfig(
         metric=s.metric,
         mode=s.mode,
-        num_samples=s.num_samples,
-        search_alg=searcher,
+        num_samples=phase.num_samples,
+        search_alg=_searcher(spec, phase.algorithm),
         # Tune wraps a Searcher in a ConcurrencyLimiter; the variant generator limits itself.
-        max_concurrent_trials=s.max_concurrent if s.algorithm == "hyperopt" else None,
-        scheduler=_scheduler(spec),
+        max_concurrent_trials=s.max_concurrent if phase.algorithm == "hyperopt" else None,
+        scheduler=_scheduler(spec) if phase.scheduler else None,
         reuse_actors=True,
         trial_dirname_creator=_trial_dirname,
     )
     # Two kept checkpoints: the newest may be mid-upload when a node dies, the older one is whole.
     run_config = tune.RunConfig(
-        name="tune",
+        name=phase.name,
         storage_path=url,
         verbose=verbose,
         failure_config=tune.FailureConfig(max_failures=2),
@@ -199,16 +257,13 @@ def build_tuner(spec: StudySpec, url: str, runtime: dict, verbose: int = 1, call
         callbacks=list(callbacks),
     )
     return tune.Tuner(
-        trainable,
-        param_space=param_space(spec, runtime),
-        tune_config=tune_config,
-        run_config=run_config,
+        trainable, param_space=phase.space, tune_config=tune_config, run_config=run_config
     )
 
 
-def _searcher(spec: StudySpec):
+def _searcher(spec: StudySpec, algorithm: str):
     s = spec.search
-    if s.algorithm == "hyperopt":
+    if algorithm == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
         return HyperOptSearch(

@@ -101,7 +101,12 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_local, 
     summary = run_study(spec, root=str(tmp_path), verbose=0)
     assert summary["counts"] == {"completed": 3}
     for trial, before in done.items():
-        assert (exp_dir / trial / "result.json").read_text() == before, "finished trial rerun"
+        after = (exp_dir / trial / "result.json").read_text()
+        assert after.startswith(before)
+        # A trial interrupted between its last report and its end resumes from its final
+        # checkpoint and only reports again: no training step is repeated.
+        repeated = [json.loads(line)["step"] for line in after[len(before):].splitlines()]
+        assert all(step == 24 for step in repeated), f"{trial} retrained steps {repeated}"
 
 
 def test_changed_spec_is_not_resumed(ray_local, tmp_path):
@@ -121,3 +126,24 @@ def test_bad_spec_launches_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "lr=-1" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_wsd_branches_start_from_the_stable_checkpoints(ray_local, tmp_path):
+    raw = copy.deepcopy(SPEC) | {"name": "tiny-wsd"}
+    raw["train"] = raw["train"] | {"schedule": {"kind": "wsd", "warmup_steps": 2}}
+    raw["search"] = {"algorithm": "grid", "space": {"train.lr": {"grid": [0.01]}}}
+    raw["branching"] = {"steps": [8, 16], "decay_fractions": [0.2], "decay_shapes": ["linear"]}
+    summary = run_study(parse_spec(raw, "wsd.yaml"), root=str(tmp_path), verbose=0)
+    assert summary["counts"] == {"completed": 5}
+    trials = pd.read_csv(tmp_path / "tiny-wsd" / "trials.csv")
+    phases = trials["branch/phase"].value_counts().to_dict()
+    assert phases == {"stable": 1, "decay": 2, "cosine": 2}
+    tokens_per_step = 4 * 32
+    decays = trials[trials["branch/phase"] == "decay"].sort_values("branch/stable_step")
+    assert list(decays["step"]) == [10, 20]  # S + D with D = 0.2 (S + D)
+    assert list(decays["own_tokens"]) == [2 * tokens_per_step, 4 * tokens_per_step]
+    cosine = trials[trials["branch/phase"] == "cosine"]
+    assert list(cosine["own_tokens"]) == list(cosine["tokens"])  # baselines pay every step
+    stable_id = trials.loc[trials["branch/phase"] == "stable", "trial_id"].item()
+    kept = sorted(p.name for p in (tmp_path / "tiny-wsd" / "stable" / stable_id).iterdir())
+    assert kept == ["step_00000008", "step_00000016"]

@@ -16,9 +16,17 @@ MODEL = get_config("micro-32", vocab_size=512)
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(tokens=40 * 8 * 32, batch_size=8, seq_len=32, lr=0.01, eval_every=10,
-                eval_tokens=2048, precision="fp32", threads=1,
-                schedule=ScheduleConfig(kind="wsd", warmup_steps=4, decay_fraction=0.2))
+    base = dict(
+        tokens=40 * 8 * 32,
+        batch_size=8,
+        seq_len=32,
+        lr=0.01,
+        eval_every=10,
+        eval_tokens=2048,
+        precision="fp32",
+        threads=1,
+        schedule=ScheduleConfig(kind="wsd", warmup_steps=4, decay_fraction=0.2),
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -45,7 +53,8 @@ def test_loss_falls_and_metrics_are_complete(small_store):
     assert final["completed"] and not final["diverged"] and final["progress"] == 1.0
     assert final["tokens"] == 40 * 8 * 32
     assert final["val_bpb"] == pytest.approx(
-        final["val_loss"] / math.log(2) / small_store.val_bytes_per_token, rel=0.01)
+        final["val_loss"] / math.log(2) / small_store.val_bytes_per_token, rel=0.01
+    )
     assert last == final
 
 
@@ -78,3 +87,45 @@ def test_token_budget_by_params():
     assert cfg.total_tokens(MODEL) == 10 * non_embedding_params(MODEL)
     with pytest.raises(ValueError, match="exactly one of tokens or tokens_per_param"):
         config(tokens_per_param=10)
+
+
+def test_branch_from_a_stable_checkpoint_equals_training_from_scratch(small_store, tmp_path):
+    """WSD's promise (MiniCPM §3.4): decay from the stable run's checkpoint at step S gives the
+    same model as a WSD run that decays at S from scratch, so the stable part is never rerun."""
+    warm = {"warmup_steps": 4}
+    stable = config(
+        tokens=30 * 8 * 32, save_steps=(20,), schedule=ScheduleConfig(kind="constant", **warm)
+    )
+    train(MODEL, stable, small_store, save_dir=tmp_path)
+    decay = ScheduleConfig(kind="wsd", decay_steps=6, decay_shape="linear", **warm)
+    scratch = Recorder()
+    train(MODEL, config(tokens=26 * 8 * 32, schedule=decay), small_store, report=scratch)
+    branch = Recorder()
+    last = train(
+        MODEL,
+        config(tokens=26 * 8 * 32, schedule=decay, init_from=str(tmp_path / "step_00000020")),
+        small_store,
+        report=branch,
+    )
+    assert last["step"] == 26 and last["own_tokens"] == 6 * 8 * 32
+    assert last["tokens"] == 26 * 8 * 32
+    assert last["val_loss"] == pytest.approx(scratch.metrics[-1]["val_loss"], abs=1e-5)
+    with pytest.raises(ValueError, match="not after the start step 20"):
+        train(
+            MODEL,
+            config(tokens=20 * 8 * 32, init_from=str(tmp_path / "step_00000020")),
+            small_store,
+        )
+
+
+def test_resume_from_the_final_checkpoint_reports_again(small_store, tmp_path):
+    """A run killed after its last checkpoint but before its result was recorded must end
+    cleanly on resume (report the final metrics), not fail."""
+    full = Recorder(keep=tmp_path)
+    train(MODEL, config(), small_store, report=full)
+    again = Recorder()
+    last = train(
+        MODEL, config(), small_store, report=again, resume_from=tmp_path / "step40" / "state"
+    )
+    assert [m["step"] for m in again.metrics] == [40]
+    assert last["val_loss"] == pytest.approx(full.metrics[-1]["val_loss"], abs=1e-6)

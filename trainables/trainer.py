@@ -63,6 +63,10 @@ class TrainConfig:
     seed: int = 0
     divergence_ratio: float = 1.5  # diverged if train loss > ratio × the step-0 loss, or not finite
     threads: int = 0  # torch intra-op threads; 0 = leave as set by the environment
+    # WSD branching (MiniCPM §3.4): a stable run keeps checkpoints at save_steps; a branch
+    # starts from one of them (init_from) and trains only its decay, with its own schedule.
+    save_steps: tuple[int, ...] = ()
+    init_from: str | None = None
 
     def __post_init__(self):
         if (self.tokens is None) == (self.tokens_per_param is None):
@@ -81,6 +85,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={value}: must be > 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
+        if any(s <= 0 for s in self.save_steps) or list(self.save_steps) != sorted(self.save_steps):
+            raise ValueError(f"save_steps={self.save_steps}: positive steps in increasing order")
         if self.checkpoint_every < 0 or self.threads < 0 or not self.divergence_ratio > 1:
             raise ValueError("checkpoint_every and threads must be >= 0, divergence_ratio > 1")
 
@@ -143,6 +149,7 @@ def train(
     *,
     report: Report | None = None,
     resume_from: str | Path | None = None,
+    save_dir: str | Path | None = None,
     device: str = "auto",
 ) -> dict:
     """Train to the token budget; returns the last reported metrics (with `diverged`)."""
@@ -163,12 +170,37 @@ def train(
         eps=cfg.optimizer.eps,
         weight_decay=cfg.optimizer.weight_decay,
     )
-    state = {"step": 0, "first_loss": None, "elapsed_s": 0.0, "n_evals": 0}
+    state = {"step": 0, "first_loss": None, "elapsed_s": 0.0, "n_evals": 0, "start_step": 0}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, model, opt))
         ckpt.set_rng_state(state.pop("rng"))
+    elif cfg.init_from is not None:
+        state.update(_branch_state(ckpt.load_checkpoint(cfg.init_from, model, opt)))
+    if cfg.save_steps and save_dir is None:
+        raise ValueError("train.save_steps needs a save_dir to keep the stable checkpoints in")
     loop = _Loop(model_cfg, cfg, store, model, opt, amp, dev, report, state)
+    loop.save_dir = Path(save_dir) if save_dir is not None else None
+    if cfg.init_from is not None and resume_from is None and loop.total_steps <= state["step"]:
+        raise ValueError(
+            f"the budget ends at step {loop.total_steps}, not after the start "
+            f"step {state['step']} (init_from {cfg.init_from})"
+        )
     return loop.run()
+
+
+def _branch_state(stable: dict) -> dict:
+    """A branch continues the stable run's step count but accounts only its own compute."""
+    return {
+        "step": stable["step"],
+        "start_step": stable["step"],
+        "first_loss": stable["first_loss"],
+        "elapsed_s": 0.0,
+        "n_evals": 0,
+    }
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 class _Loop:
@@ -183,12 +215,18 @@ class _Loop:
         self.window_loss, self.window_steps, self.window_t0 = 0.0, 0, time.perf_counter()
         self.last_metrics: dict = {}
         self.train_s = 0.0  # training seconds of the current window, evaluation excluded
+        self.save_dir: Path | None = None  # where save_steps checkpoints go
 
     def run(self) -> dict:
+        if self.state["step"] >= self.total_steps:  # resumed from the final checkpoint
+            self.train_s = 0.0
+            return self.emit(val=evaluate(self.model, self.store, self.cfg, self.amp, self.dev))
         while self.state["step"] < self.total_steps:
             loss = self.step()
             if self.diverged(loss):
                 return self.emit(val=None, diverged=True)
+            if self.state["step"] in self.cfg.save_steps:
+                self.keep_checkpoint()
             last = self.state["step"] == self.total_steps
             if last or self.state["step"] % self.cfg.eval_every == 0:
                 self.train_s = time.perf_counter() - self.window_t0  # evaluation excluded
@@ -220,6 +258,15 @@ class _Loop:
         self.window_steps += 1
         return value
 
+    def keep_checkpoint(self) -> None:
+        """A persistent checkpoint for branches (not Tune's rotating one); idempotent on resume."""
+        t0 = time.perf_counter()
+        target = self.save_dir / checkpoint_name(self.state["step"])
+        if not (target / ckpt.MANIFEST_FILE).exists():
+            state = {**self.state, "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(target, self.model, self.opt, state)
+        self.window_t0 += time.perf_counter() - t0  # checkpoint I/O is not training time
+
     def diverged(self, loss: float) -> bool:
         limit = self.cfg.divergence_ratio * self.state["first_loss"]
         return not math.isfinite(loss) or loss > limit
@@ -247,6 +294,7 @@ class _Loop:
     def metrics(self, val, diverged: bool, window_s: float) -> dict:
         step = self.state["step"]
         tokens = step * self.cfg.tokens_per_step
+        own_tokens = (step - self.state["start_step"]) * self.cfg.tokens_per_step
         window_tokens = self.window_steps * self.cfg.tokens_per_step
         # A diverged trial reports the uniform-prediction loss ln(V): finite, so every searcher
         # can rank it, and no better than chance; the `diverged` column says what happened.
@@ -267,4 +315,7 @@ class _Loop:
             "completed": diverged or step >= self.total_steps,
             "total_steps": self.total_steps,
             "progress": step / self.total_steps,
+            # what this trial computed itself: less than `flops` for a branch of a stable run
+            "own_tokens": own_tokens,
+            "own_flops": self.flops_per_token * own_tokens,
         }

@@ -70,11 +70,14 @@ def tune_trial(config: dict) -> None:
     """Ray Tune function trainable: resumes from `tune.get_checkpoint()` when Tune restarts it."""
     from ray import tune
 
+    config = resolve_variant(config)
     cfg = parse_trial_config(config)
     store = data.prepare(cfg.data, cfg.runtime.get("cache_dir"))
     context = tune.get_context()
     tracker = _tracker(cfg, config, context.get_trial_name())
     resume_dir = _restore_checkpoint(tune.get_checkpoint())
+    save_root = cfg.runtime.get("save_root")
+    save_dir = Path(save_root) / context.get_trial_id() if save_root else None
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         tracker.log(metrics)
@@ -88,6 +91,7 @@ def tune_trial(config: dict) -> None:
             store,
             report=report,
             resume_from=resume_dir / "state" if resume_dir else None,
+            save_dir=save_dir,
         )
     except BaseException:
         tracker.finish(exit_code=1)
@@ -96,6 +100,14 @@ def tune_trial(config: dict) -> None:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
     tracker.finish()
+
+
+def resolve_variant(config: dict) -> dict:
+    """A study may grid over whole trial configs (`{"variant": {...}, "runtime": ...}`), e.g.
+    the branches of a WSD study: the chosen variant is the trial's config."""
+    if "variant" not in config:
+        return config
+    return {**config["variant"], "runtime": config.get("runtime", {})}
 
 
 def _tracker(cfg: TrialConfig, config: dict, trial_name: str) -> TrialTracker:
