@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sandbox_service.spec import load_spec
     from sandbox_service.study import run_study
 
-    spec = load_spec(args.file)  # validated before anything starts
+    spec = load_spec(args.file, args.set)  # validated before anything starts
     print(f"study {spec.name}: {spec.question}")
     summary = run_study(
         spec,
@@ -98,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     r.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None)
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. --set data.sources=[corpus.txt] (repeatable)",
+    )
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("status", help="list studies and their state")
     _storage_arg(s)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,12 +180,22 @@ class StudySpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_spec(path: str | Path) -> StudySpec:
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
+    """Load and validate a search-space file; `overrides` are `key.path=yaml-value` strings
+    applied first (e.g. `data.sources=[corpus.txt]`), and become part of the study's spec."""
     path = str(path)
     try:
-        return parse_spec(yaml_safe.load(path), path)
-    except yaml_safe.YamlError as e:
-        raise SpecError(str(e)) from None
+        raw = yaml_safe.load(path)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SpecError(f"--set {item!r}: expected key.path=value")
+            if not isinstance(raw, dict):
+                break
+            set_path(raw, key.strip(), yaml_safe.loads(value, f"--set {key}"))
+        return parse_spec(raw, path)
+    except (yaml_safe.YamlError, ConfigError) as e:
+        raise SpecError(f"{path}: {e}" if not str(e).startswith(path) else str(e)) from None
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> StudySpec:

@@ -117,3 +117,14 @@ def test_alias_bomb_is_refused():
 
 def test_scientific_notation_is_a_number():
     assert yaml_safe.loads("lr: 1e-3\ntokens: 2e6") == {"lr": 0.001, "tokens": 2e6}
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml_safe.yaml.safe_dump(BASE))
+    spec = load_spec(path, ["data.sources=[corpus.txt]", "train.lr=3e-3"])
+    assert spec.data.sources == ("corpus.txt",) and spec.train["lr"] == 0.003
+    with pytest.raises(SpecError, match="train.lr: expected a number"):
+        load_spec(path, ["train.lr=fast"])
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        load_spec(path, ["train.lr"])

@@ -129,3 +129,17 @@ def test_resume_from_the_final_checkpoint_reports_again(small_store, tmp_path):
     )
     assert [m["step"] for m in again.metrics] == [40]
     assert last["val_loss"] == pytest.approx(full.metrics[-1]["val_loss"], abs=1e-6)
+
+
+def test_eval_every_tokens_aligns_runs_of_different_batch_sizes(small_store):
+    points = {}
+    for batch in (4, 8):
+        rec = Recorder()
+        train(
+            MODEL,
+            config(tokens=8192, batch_size=batch, eval_every_tokens=2048),
+            small_store,
+            report=rec,
+        )
+        points[batch] = [m["tokens"] for m in rec.metrics]
+    assert points[4] == points[8] == [2048, 4096, 6144, 8192]

@@ -57,6 +57,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval_every: int = 50  # steps between validation evaluations (and reports)
+    # or tokens between evaluations: runs at different batch sizes then share their eval points
+    eval_every_tokens: int | None = None
     eval_tokens: int = 32768  # validation tokens per evaluation
     checkpoint_every: int = 1  # checkpoint at every n-th evaluation; 0 = never
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (see autocast_dtype)
@@ -76,6 +78,7 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "eval_every": self.eval_every,
+            "eval_every_tokens": self.eval_every_tokens or 1,
             "eval_tokens": self.eval_tokens,
             "tokens": self.tokens or 1,
             "tokens_per_param": self.tokens_per_param or 1,
@@ -228,7 +231,7 @@ class _Loop:
             if self.state["step"] in self.cfg.save_steps:
                 self.keep_checkpoint()
             last = self.state["step"] == self.total_steps
-            if last or self.state["step"] % self.cfg.eval_every == 0:
+            if last or self.eval_due(self.state["step"]):
                 self.train_s = time.perf_counter() - self.window_t0  # evaluation excluded
                 self.emit(val=evaluate(self.model, self.store, self.cfg, self.amp, self.dev))
         return self.last_metrics
@@ -257,6 +260,13 @@ class _Loop:
         self.window_loss += value
         self.window_steps += 1
         return value
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.eval_every_tokens
+        if every is None:
+            return step % self.cfg.eval_every == 0
+        tps = self.cfg.tokens_per_step
+        return (step * tps) // every > ((step - 1) * tps) // every
 
     def keep_checkpoint(self) -> None:
         """A persistent checkpoint for branches (not Tune's rotating one); idempotent on resume."""
