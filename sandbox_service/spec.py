@@ -24,9 +24,10 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
 def parse_spec(raw: Any, source: str = "<spec>") -> StudySpec:
     try:
         top = from_dict(_SpecFile, raw, "")
+        top = replace(top, data=replace(top.data, sources=_absolute(top.data.sources)))
         _check_name(top.name)
         space = tuple(_distribution(k, v) for k, v in top.search.space.items())
         spec = StudySpec(
@@ -228,6 +230,15 @@ def parse_spec(raw: Any, source: str = "<spec>") -> StudySpec:
     except ConfigError as e:
         raise SpecError(f"{source}: {e}") from None
     return spec
+
+
+def _absolute(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """Local relative paths become absolute here, where the user ran the command: trials run
+    in their own working directories (and on other nodes)."""
+    return tuple(
+        s if "://" in s or s.startswith("embedded:") or os.path.isabs(s) else os.path.abspath(s)
+        for s in sources
+    )
 
 
 def _check_name(name: str) -> None:

@@ -43,7 +43,7 @@ def run_study(
     url = study_url(spec, root)
     claim(spec, url)
     store_root = prepare_data(spec)
-    runtime = _runtime(spec, url, wandb_mode)
+    runtime = _runtime(spec, url, wandb_mode) | {"token_store": store_root}
     init_ray(address, num_cpus)
     started = time.time()
     status.mark_running(url)

@@ -11,7 +11,7 @@ from sandbox_service import yaml_safe
 from sandbox_service.spec import SpecError, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "search_spaces").rglob("*.yaml"))
 
 BASE = {
     "name": "t",
@@ -33,7 +33,7 @@ def spec_with(path: str, value):
     return raw
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_search_space_loads(path):
     spec = load_spec(path)
     assert spec.name and spec.question
@@ -123,7 +123,8 @@ def test_overrides_apply_before_validation(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml_safe.yaml.safe_dump(BASE))
     spec = load_spec(path, ["data.sources=[corpus.txt]", "train.lr=3e-3"])
-    assert spec.data.sources == ("corpus.txt",) and spec.train["lr"] == 0.003
+    # relative paths are resolved where the command runs: trials run in their own folders
+    assert spec.data.sources == (str(Path.cwd() / "corpus.txt"),) and spec.train["lr"] == 0.003
     with pytest.raises(SpecError, match="train.lr: expected a number"):
         load_spec(path, ["train.lr=fast"])
     with pytest.raises(SpecError, match="expected key.path=value"):

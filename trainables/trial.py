@@ -21,6 +21,7 @@ from pathlib import Path
 from trainables import data
 from trainables.dictconfig import ConfigError, from_dict
 from trainables.shapes import ModelConfig, get_config
+from trainables.tokens import TokenStore
 from trainables.tracking import TrialTracker, WandbConfig
 from trainables.trainer import TrainConfig, train
 
@@ -72,7 +73,7 @@ def tune_trial(config: dict) -> None:
 
     config = resolve_variant(config)
     cfg = parse_trial_config(config)
-    store = data.prepare(cfg.data, cfg.runtime.get("cache_dir"))
+    store = _token_store(cfg)
     context = tune.get_context()
     tracker = _tracker(cfg, config, context.get_trial_name())
     resume_dir = _restore_checkpoint(tune.get_checkpoint())
@@ -100,6 +101,15 @@ def tune_trial(config: dict) -> None:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
     tracker.finish()
+
+
+def _token_store(cfg: TrialConfig):
+    """The store the driver prepared when this node can read it, else prepare it here (same
+    content hash, so every node ends with the same tokens)."""
+    root = cfg.runtime.get("token_store")
+    if root and (Path(root) / "meta.json").exists():
+        return TokenStore.open(root)
+    return data.prepare(cfg.data, cfg.runtime.get("cache_dir"))
 
 
 def resolve_variant(config: dict) -> dict:
