@@ -62,6 +62,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "complete" else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sandbox_service.report import write_report
+    from sandbox_service.spec import NAME
+
+    if not NAME.match(args.study) or ".." in args.study:
+        raise ValueError(f"study {args.study!r}: expected a study name (see `sandbox status`)")
+    url = storage.join(args.storage, args.study)
+    if not storage.exists(storage.join(url, "summary.json")):
+        raise ValueError(f"{url}: no finished study there (see `sandbox status`)")
+    path = write_report(url, wandb_mode=args.wandb_mode)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sandbox_service.status import study_states
 
@@ -106,6 +120,16 @@ def parser() -> argparse.ArgumentParser:
         help="override a spec key, e.g. --set data.sources=[corpus.txt] (repeatable)",
     )
     r.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("report", help="Markdown + PNG report and analysis.json of a study")
+    rep.add_argument("study", help="the study's name (its folder under the storage root)")
+    _storage_arg(rep)
+    rep.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline", "disabled"],
+        default="offline",
+        help="also log the report to the study's W&B group (default: offline)",
+    )
+    rep.set_defaults(fn=cmd_report)
     s = sub.add_parser("status", help="list studies and their state")
     _storage_arg(s)
     s.set_defaults(fn=cmd_status)

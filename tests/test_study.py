@@ -66,6 +66,10 @@ def test_study_runs_and_records(ray_local, tmp_path):
     runs = list((folder / "wandb").glob("offline-run-*"))
     assert len(runs) == 3, "one offline W&B run per trial"
     assert study_states(str(tmp_path))[0]["state"] == "complete"
+    report = ["report", "tiny-run", "--storage", str(tmp_path), "--wandb-mode", "disabled"]
+    assert cli.main(report) == 0
+    assert (folder / "report" / "report.md").exists() and (folder / "analysis.json").exists()
+    assert cli.main(["report", "../etc", "--storage", str(tmp_path)]) == 2
 
 
 def _interrupt_when_a_trial_finishes(exp_dir: Path, timeout_s: float = 120) -> threading.Thread:
@@ -105,7 +109,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_local, 
         assert after.startswith(before)
         # A trial interrupted between its last report and its end resumes from its final
         # checkpoint and only reports again: no training step is repeated.
-        repeated = [json.loads(line)["step"] for line in after[len(before):].splitlines()]
+        repeated = [json.loads(line)["step"] for line in after[len(before) :].splitlines()]
         assert all(step == 24 for step in repeated), f"{trial} retrained steps {repeated}"
 
 
