@@ -59,7 +59,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    from trainables.tracking import resolve_mode
+
+    mode = resolve_mode(args.wandb_mode or spec.tracking.wandb.mode)
+    _report_after_run(storage.join(args.storage, spec.name), mode)
     return 0 if summary["status"] == "complete" else 1
+
+
+def _report_after_run(url: str, wandb_mode: str) -> None:
+    """Every finished study gets its report; a report that fails leaves the study intact."""
+    from sandbox_service.report import write_report
+
+    try:
+        print(f"report: {write_report(url, wandb_mode=wandb_mode)}")
+    except Exception as e:  # noqa: BLE001 - the study's results are already safe on disk
+        print(
+            f"report failed ({type(e).__name__}: {e}); retry with `sandbox report`", file=sys.stderr
+        )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
