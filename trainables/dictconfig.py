@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be ints, bools, dates
     if unknown:
         raise ConfigError(
             f"{_join(where, str(unknown[0]))}: unknown key; "
@@ -126,7 +127,7 @@ def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_show(value)}")
-        if not math.isfinite(value):
+        if not abs(value) <= sys.float_info.max:  # NaN, ±inf, or an int too large for a float
             raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
         return float(value)
     if tp is str:
@@ -145,6 +146,9 @@ def _name(tp: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
+        text = f"<{value.bit_length()} bits>" if isinstance(value, int) else "<unprintable>"
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{text} ({type(value).__name__})"
