@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass
 
 PARAMETRIZATIONS = ("mup", "sp")
-_INT_FIELDS = (
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "d_ff",
-    "vocab_size",
-    "max_seq_len",
-    "dim_model_base",
-)
+# field -> the largest value allowed: far beyond any real model (MiniCPM-2.4B: d 2304, L 40,
+# V 122,753), so that a typo such as 1e9 for 1e3 fails here rather than when allocating.
+_INT_FIELDS = {
+    "d_model": 1 << 20,
+    "n_layers": 1 << 12,
+    "n_heads": 1 << 20,
+    "n_kv_heads": 1 << 20,
+    "d_ff": 1 << 22,
+    "vocab_size": 1 << 24,
+    "max_seq_len": 1 << 24,
+    "dim_model_base": 1 << 20,
+}
 _FLOAT_FIELDS = ("scale_emb", "scale_depth", "init_std", "rope_theta", "norm_eps")
 
 
@@ -63,8 +64,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"ModelConfig.name={self.name!r}: must be a non-empty string")
-        for field in _INT_FIELDS:
-            _check_positive_int(field, getattr(self, field))
+        for field, most in _INT_FIELDS.items():
+            _check_positive_int(field, getattr(self, field), most)
         for field in _FLOAT_FIELDS:
             _check_positive_float(field, getattr(self, field))
         if self.parametrization not in PARAMETRIZATIONS:
@@ -103,14 +104,16 @@ class ModelConfig:
         return self.d_model / self.dim_model_base
 
 
-def _check_positive_int(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ModelConfig.{field}={value!r}: must be a positive integer")
+def _check_positive_int(field: str, value: object, most: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if not ok or (most is not None and value > most):
+        allowed = "a positive integer" if most is None else f"an integer in 1..{most:,}"
+        raise ValueError(f"ModelConfig.{field}={value!r}: must be {allowed}")
 
 
 def _check_positive_float(field: str, value: object) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
+    if not ok or not 0 < value <= sys.float_info.max:  # also NaN, inf, ints beyond a float
         raise ValueError(f"ModelConfig.{field}={value!r}: must be a finite positive number")
 
 

@@ -78,14 +78,30 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "eval_every": self.eval_every,
-            "eval_every_tokens": self.eval_every_tokens or 1,
+            "eval_every_tokens": self.eval_every_tokens,
             "eval_tokens": self.eval_tokens,
-            "tokens": self.tokens or 1,
-            "tokens_per_param": self.tokens_per_param or 1,
+            "tokens": self.tokens,
+            "tokens_per_param": self.tokens_per_param,
         }
         for name, value in positive.items():
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise ValueError(f"{name}={value}: must be > 0")
+        # Far beyond any real run (MiniCPM-2.4B: ~1.1T tokens, 960 x 4096 batches), so a typo
+        # such as 1e30 for 1e3 fails here rather than as a run that never ends.
+        largest = {
+            "tokens": 10**15,
+            "tokens_per_param": 1e6,
+            "eval_every_tokens": 10**15,
+            "batch_size": 10**7,
+            "seq_len": 10**6,
+            "threads": 4096,
+        }
+        for name, most in largest.items():
+            value = getattr(self, name)
+            if value is not None and value > most:
+                raise ValueError(f"{name}={value}: must be <= {most:.0e}")
+        if not 0 <= self.seed < 2**63:  # numpy's PCG64 takes no negative seed, torch 64 bits
+            raise ValueError(f"seed={self.seed}: must be in [0, 2**63)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
         if any(s <= 0 for s in self.save_steps) or list(self.save_steps) != sorted(self.save_steps):
