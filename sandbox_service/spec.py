@@ -26,19 +26,21 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sandbox_service import yaml_safe
-from sandbox_service.branching import BranchingSpec
+from sandbox_service.branching import BranchingSpec, decay_steps
 from trainables.data import DataConfig
 from trainables.dictconfig import ConfigError, from_dict, to_dict
 from trainables.tracking import WandbConfig
+from trainables.trainer import TrainConfig
 from trainables.trial import parse_trial_config
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` also matches before a "\n"
 ALGORITHMS = ("grid", "random", "hyperopt")
 KINDS = {  # distribution kind -> number of arguments (None: a non-empty list of values)
     "grid": None,
@@ -79,8 +81,11 @@ class SchedulerSpec:
     def __post_init__(self):
         if self.kind != "asha":
             raise ValueError(f"kind={self.kind!r}: allowed asha")
-        if not 0 < self.grace_fraction < 1 or not self.reduction_factor > 1 or self.brackets < 1:
-            raise ValueError("need 0 < grace_fraction < 1, reduction_factor > 1, brackets >= 1")
+        rungs_ok = self.reduction_factor > 1 and 1 <= self.brackets <= 100
+        if not 0 < self.grace_fraction < 1 or not rungs_ok:
+            raise ValueError(
+                "need 0 < grace_fraction < 1, reduction_factor > 1, 1 <= brackets <= 100"
+            )
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class SearchSpec:
             raise ValueError(f"mode={self.mode!r}: allowed min, max")
         if not 1 <= self.num_samples <= 100_000 or not 1 <= self.max_concurrent <= 10_000:
             raise ValueError("num_samples must be in 1..100000 and max_concurrent in 1..10000")
+        if not 0 <= self.seed < 2**32:  # numpy's RandomState, which Tune's searchers seed
+            raise ValueError(f"seed={self.seed}: must be in [0, 2**32)")
 
 
 @dataclass(frozen=True)
@@ -271,7 +278,8 @@ def _distribution(path: Any, value: Any) -> Distribution:
 
 def _range_args(kind: str, args: list, n: int, where: str) -> tuple:
     if len(args) != n or not all(
-        isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args
+        isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) <= sys.float_info.max
+        for a in args  # finite, and an int that fits a float
     ):
         raise ConfigError(
             f"{where}: expected {n} finite numbers [low, high{', q' if n == 3 else ''}]"
@@ -300,6 +308,12 @@ def _check_search(spec: StudySpec) -> None:
         )
     if spec.search.algorithm == "hyperopt" and not spec.space:
         raise ConfigError("search.space: hyperopt needs at least one searched key")
+    trials = math.prod(len(d.args) for d in spec.space if d.kind == "grid")
+    if trials * spec.search.num_samples > 100_000:
+        raise ConfigError(
+            f"search.space: the grid has {trials:,} points x num_samples "
+            f"{spec.search.num_samples}; at most 100,000 trials per study"
+        )
 
 
 def _check_trials(spec: StudySpec) -> None:
@@ -307,9 +321,8 @@ def _check_trials(spec: StudySpec) -> None:
     parse_trial_config(spec.base_config())
     for dist in spec.space:
         for value in dist.samples():
-            config = set_path(spec.base_config(), dist.path, value)
             try:
-                parse_trial_config(config)
+                parse_trial_config(set_path(spec.base_config(), dist.path, value))
             except ConfigError as e:
                 raise ConfigError(
                     f"search.space.{dist.path}: value {value!r} is invalid: {e}"
@@ -329,6 +342,20 @@ def _check_branching(spec: StudySpec) -> None:
                 f"search.space.{dist.path}: a branching study fixes the batch, "
                 "sequence length, budget and schedule of its stable runs"
             )
+    # The stable run and the longest branch must be valid runs too (e.g. within the token cap).
+    b = spec.branching
+    train = parse_trial_config(spec.base_config()).train
+    _check_run_steps(train, b.steps[-1], "the stable run")
+    fractions = b.decay_fractions + ((b.cosine_fraction,) if b.cosine_baselines else ())
+    longest = b.steps[-1] + decay_steps(b.steps[-1], max(fractions))
+    _check_run_steps(train, longest, "the longest branch")
+
+
+def _check_run_steps(train: TrainConfig, steps: int, what: str) -> None:
+    try:
+        replace(train, tokens=steps * train.tokens_per_step, tokens_per_param=None)
+    except ValueError as e:
+        raise ConfigError(f"branching.steps: {what} ({steps:,} steps) is invalid: {e}") from None
 
 
 def set_path(config: dict, path: str, value: Any) -> dict:
