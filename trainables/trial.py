@@ -41,6 +41,10 @@ def model_config(section: dict, where: str = "model") -> ModelConfig:
             f"{where}.preset: required (a preset name such as micro-64 or "
             "minicpm-2.4b; see `sandbox model --list`)"
         )
+    if not isinstance(section["preset"], str):
+        raise ConfigError(
+            f"{where}.preset: expected a preset name such as micro-64, got {section['preset']!r}"
+        )
     overrides = {k: v for k, v in section.items() if k != "preset"}
     try:
         return get_config(section["preset"], **overrides)

@@ -48,7 +48,7 @@ def options_of(analysis: Mapping):
             f"{type(analysis).__name__}"
         )
     kind = analysis.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(
             f"analysis.kind: {kind!r} is not an analysis kind; allowed: {', '.join(KINDS)}"
         )
