@@ -82,7 +82,7 @@ def test_decays_compare_with_cosine_and_compute_is_accounted():
     trials, history = synthetic()
     result = analyze(spec, trials, history)
     head = result.summary["headline"]
-    assert head["wsd_minus_cosine_at_reference"]["exp"] == pytest.approx(-0.03)
+    assert head["wsd - cosine, 10.0% exp (mean over S)"] == pytest.approx(-0.03)
     compute = result.summary["compute"]
     stable_and_decays = (20 + 1 + 2 + 2 + 5) * TPS * 100.0  # stable once, then only the decays
     assert compute["wsd_total_flops"] == pytest.approx(stable_and_decays)

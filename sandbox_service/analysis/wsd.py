@@ -94,18 +94,23 @@ def run(study: Study, options: Options) -> Analysis:
     comp = comparison(ends)
     by = comp.groupby(["decay_fraction", "decay_shape"])["minus_cosine"]
     table = by.agg(["mean", "min", "max", "count"]).reset_index()
-    ref = table[np.isclose(table["decay_fraction"], options.reference_fraction)]
     summary = study.base_summary("wsd", metric)
+    compute = compute_accounting(study, ends)
+    ref = options.reference_fraction
     summary.update(
         {
             "decay_vs_cosine": table.to_dict("records"),
-            "headline": {
-                "reference_fraction": options.reference_fraction,
-                "wsd_minus_cosine_at_reference": {r.decay_shape: r.mean for r in ref.itertuples()},
-                "best_decay": comp.loc[comp["final"].idxmin()].to_dict() if len(comp) else None,
-            },
-            "compute": compute_accounting(study, ends),
+            "headline": headline(table, comp, compute, ref),
+            "compute": compute,
             "provenance": study.provenance(ends["trial_id"], metric),
+            "notes": [
+                f"Each decay's final {metric} minus the cosine run trained from scratch with "
+                f"T = S + D({ref:.1%}) at the same branch step S; only the {ref:.1%} decays have "
+                "exactly the cosine run's length, the others end at fewer or more tokens (see the "
+                "endpoints table).",
+                "Compute: the stable run once plus every decay's own steps (own_flops), against "
+                "one full cosine run per endpoint length.",
+            ],
         }
     )
     figures = {
@@ -113,6 +118,25 @@ def run(study: Study, options: Options) -> Analysis:
         "wsd_final_vs_compute": final_vs_compute(ends, metric),
     }
     return Analysis("wsd", summary, {"endpoints": ends, "decay_vs_cosine": table}, figures)
+
+
+def headline(table: pd.DataFrame, comp: pd.DataFrame, compute: dict, ref: float) -> dict:
+    """Flat numbers for the report: decay-minus-cosine per fraction and shape, the best
+    endpoint, and what one endpoint costs each way."""
+    out = {
+        f"wsd - cosine, {r.decay_fraction:.1%} {r.decay_shape} (mean over S)": r.mean
+        for r in table.itertuples()
+    }
+    if len(comp):
+        best = comp.loc[comp["final"].idxmin()]
+        out["best endpoint"] = (
+            f"{best['decay_fraction']:.1%} {best['decay_shape']} decay "
+            f"at S={int(best['stable_step'])}: {best['final']:.4f}"
+        )
+    ratio = compute["cosine_flops_per_endpoint"] / max(compute["wsd_flops_per_endpoint"], 1)
+    out["FLOPs per endpoint, cosine / WSD branching"] = ratio
+    out["reference fraction"] = ref
+    return out
 
 
 def curves_figure(study: Study, metric: str):
@@ -138,6 +162,7 @@ def curves_figure(study: Study, metric: str):
                 color="tab:red" if cos else colors[row["branch/decay_fraction"]],
             )
         ax.set_xscale("log")
+        _plots.count_ticks(ax.xaxis)
         ax.set_xlabel(_plots.TOKENS_LABEL)
         ax.set_ylabel(METRICS[metric])
         _plots.robust_ylim(ax, h[h["trial_id"].isin(t.index)][metric])
@@ -179,6 +204,7 @@ def final_vs_compute(ends: pd.DataFrame, metric: str):
     if points is not None:
         fig.colorbar(points, ax=ax, label="decay fraction D / (S + D)")
     ax.set_xscale("log")
+    _plots.count_ticks(ax.xaxis)
     ax.set_xlabel("tokens at the endpoint (stable + decay)")
     ax.set_ylabel(f"final {METRICS[metric]}")
     ax.legend(fontsize=8)
