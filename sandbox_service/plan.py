@@ -11,7 +11,8 @@ Closed forms of the spec, no torch kernels and no GPU needed:
   parameters in fp32) holds weights 4 + grads 4 + moments 8 = 16 bytes. DDP replicates the state
   on every worker; FSDP (full shard, ZeRO-3) divides it by the number of workers;
 - activations: `activation_bytes_per_layer`, Korthikanti et al. 2022 (arXiv 2205.05198 §4.1)
-  adapted to this decoder;
+  adapted to this decoder with SDPA attention (no activation recomputation); an estimate of what
+  autograd keeps, not of the allocator's peak;
 - compute: flops_per_token (PaLM App. B) × tokens; GPU-hours = FLOPs / (MFU · peak) / 3600.
 Peak dense bf16 tensor throughput, from NVIDIA's datasheets (the sparse figure halved): H100 SXM
 989 TFLOP/s, H200 SXM 989 TFLOP/s, A100 SXM 312 TFLOP/s.
@@ -34,7 +35,8 @@ GIB = 1 << 30
 GPUS = {"h100": (989e12, 80), "h200": (989e12, 141), "a100": (312e12, 80)}
 # bytes per parameter: (weights, grads, fp32 master copy, AdamW moments m and v)
 PRECISION_BYTES = {"bf16-mixed": (2, 2, 4, 8), "fp32": (4, 4, 0, 8)}
-ACT_BYTES = 2  # activations saved in bf16 under autocast
+ACT_BYTES = 2  # matmul inputs saved in bf16 under autocast
+RESIDUAL_BYTES = 4  # the residual stream stays fp32 (fp32 parameters; bf16 + fp32 adds to fp32)
 
 
 def spec_model(cfg: PretrainConfig) -> ModelConfig:
@@ -52,24 +54,28 @@ def state_bytes(n_params: int, precision: str = "bf16-mixed") -> dict[str, int]:
 
 
 def activation_bytes_per_layer(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
-    """Bytes one decoder layer saves for backward: s·b·(12·d + 4·d_kv + 8·d_ff) with bf16.
+    """Bytes one decoder layer saves for backward: s·b·(16·d + 4·d_kv + 8·d_ff).
 
-    Korthikanti et al. (arXiv 2205.05198, eq. 1) count s·b·h·(34 + 5·a·s/h) for a GPT layer.
-    Adapted here: flash/SDPA attention stores no s×s scores (the 5·a·s/h term goes), MiniCPM has
-    no dropout (its masks go), and SwiGLU replaces GeLU. Saved tensors, 2 bytes each element:
-    attention norm input d, q/k/v input d, Q d, K and V 2·d_kv (d_kv = n_kv·d_head), attention
-    output d (the o-projection input too), MLP norm input d, gate/up input d, and SwiGLU's
-    gate, silu(gate), up and their product 4·d_ff. With MHA and d_ff = 2.5·d: 36·s·b·d.
+    Korthikanti et al. (arXiv 2205.05198 §4.1, eq. 1) count s·b·h·(34 + 5·a·s/h) bytes for a
+    GPT layer in 16-bit. Adapted to this decoder (trainables/model.py under bf16 autocast):
+    flash/SDPA attention keeps no s×s scores (the 5·a·s/h term goes), there is no dropout (its
+    masks go), SwiGLU replaces GeLU, and the residual stream is fp32. Saved per token:
+    the two RMSNorm inputs, fp32: 2·4·d; the q/k/v and gate/up inputs, bf16: 2·2·d; Q and the
+    attention output (also the o-projection input): 2·2·d; K and V: 2·2·d_kv
+    (d_kv = n_kv·d_head); SwiGLU's gate, silu(gate), up and their product: 4·2·d_ff.
+    With MHA and d_ff = 2.5·d: 40·s·b·d (Korthikanti's 34 counts 16-bit norms and dropout).
     """
     d, d_kv = model.d_model, model.n_kv_heads * model.d_head
-    per_token = 6 * d + 2 * d_kv + 4 * model.d_ff
-    return ACT_BYTES * seq_len * micro_batch * per_token
+    norms = 2 * RESIDUAL_BYTES * d
+    matmul_inputs = ACT_BYTES * (2 * d + 2 * d + 2 * d_kv + 4 * model.d_ff)
+    return seq_len * micro_batch * (norms + matmul_inputs)
 
 
 def head_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
-    """The final norm and head inputs (2·d in bf16) and the logits: bf16 plus the fp32 copy that
-    cross-entropy reads (2 + 4 bytes per vocabulary entry); large when V ≫ d."""
-    return seq_len * micro_batch * (2 * ACT_BYTES * model.d_model + 6 * model.vocab_size)
+    """The final norm's fp32 input (4·d), the head's bf16 input (2·d), cross-entropy's fp32
+    log-softmax (4·V) and the bf16 logits alive beside it (2·V); large when V ≫ d."""
+    per_token = (RESIDUAL_BYTES + ACT_BYTES) * model.d_model + (4 + 2) * model.vocab_size
+    return seq_len * micro_batch * per_token
 
 
 def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
@@ -162,7 +168,7 @@ def format_plan(p: dict) -> str:
         )
     lines += [
         f"activations per micro-batch of {act['micro_batch_size']}: {_gib(act['per_layer'])} "
-        f"per layer (s·b·(12d + 4d_kv + 8d_ff) bytes) + head {_gib(act['head'])} = "
+        f"per layer (s·b·(16d + 4d_kv + 8d_ff) bytes) + head {_gib(act['head'])} = "
         f"{_gib(act['total'])}",
         f"per worker ({p['num_workers']} workers, bf16-mixed): ddp {_gib(worker['ddp'])} "
         f"(state + activations), fsdp {_gib(worker['fsdp'])} (state / {p['num_workers']} + "

@@ -85,10 +85,10 @@ def test_state_bytes_by_hand_on_micro64():
 
 def test_activation_estimate_by_hand():
     model = spec_model(_micro_spec())
-    # bf16: s·b·(6d + 2·d_kv + 4·d_ff) elements = 128·2·(384 + 128 + 640) × 2 bytes
-    assert activation_bytes_per_layer(model, 128, 2) == 128 * 2 * 1152 * 2 == 589_824
-    big = spec_model(_paper_spec())  # MHA with d_ff = 2.5·d: 36·s·b·d bytes (Korthikanti: 34)
-    assert activation_bytes_per_layer(big, 4096, 1) == 36 * 4096 * 2304
+    # s·b·(16d + 4·d_kv + 8·d_ff) bytes = 128·2·(1024 + 256 + 1280)
+    assert activation_bytes_per_layer(model, 128, 2) == 128 * 2 * 2560 == 655_360
+    big = spec_model(_paper_spec())  # MHA with d_ff = 2.5·d: 40·s·b·d bytes (Korthikanti: 34)
+    assert activation_bytes_per_layer(big, 4096, 1) == 40 * 4096 * 2304
 
 
 def test_fsdp_divides_state_by_workers():
