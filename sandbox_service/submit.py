@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--address",
         default=None,
-        help="the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)",
+        help="the cluster's Jobs API, e.g. http://127.0.0.1:8265 "
+        "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)",
     )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
