@@ -7,12 +7,13 @@ Closed forms of the spec, no torch kernels and no GPU needed:
 - parameters: `trainables.shapes` (MiniCPM-2.4B: 2,442,057,984 non-embedding, facts §1);
 - model state: bytes per parameter by precision, the ZeRO accounting (Rajbhandari et al. 2020,
   arXiv 1910.02054 §3.1): mixed precision keeps bf16 weights (2) and grads (2), an fp32 master
-  copy (4) and AdamW's two fp32 moments (8) = 16 bytes; fp32 training (torch autocast keeps the
-  parameters in fp32) holds weights 4 + grads 4 + moments 8 = 16 bytes. DDP replicates the state
+  copy (4) and AdamW's two fp32 moments (8) = 16 bytes; the trainer here (torch autocast, fp32
+  parameters) holds weights 4 + grads 4 + moments 8 = 16 bytes, plus autocast's bf16 weight
+  copies (2) while a step runs. DDP replicates the state
   on every worker; FSDP (full shard, ZeRO-3) divides it by the number of workers;
 - activations: `activation_bytes_per_layer`, Korthikanti et al. 2022 (arXiv 2205.05198 §4.1)
-  adapted to this decoder with SDPA attention (no activation recomputation); an estimate of what
-  autograd keeps, not of the allocator's peak;
+  adapted to this decoder with SDPA attention, no activation recomputation: what autograd
+  keeps, not the allocator's peak;
 - compute: flops_per_token (PaLM App. B) × tokens; GPU-hours = FLOPs / (MFU · peak) / 3600.
 Peak dense bf16 tensor throughput, from NVIDIA's datasheets (the sparse figure halved): H100 SXM
 989 TFLOP/s, H200 SXM 989 TFLOP/s, A100 SXM 312 TFLOP/s.
@@ -35,8 +36,8 @@ GIB = 1 << 30
 GPUS = {"h100": (989e12, 80), "h200": (989e12, 141), "a100": (312e12, 80)}
 # bytes per parameter: (weights, grads, fp32 master copy, AdamW moments m and v)
 PRECISION_BYTES = {"bf16-mixed": (2, 2, 4, 8), "fp32": (4, 4, 0, 8)}
-ACT_BYTES = 2  # matmul inputs saved in bf16 under autocast
-RESIDUAL_BYTES = 4  # the residual stream stays fp32 (fp32 parameters; bf16 + fp32 adds to fp32)
+BF16, FP32 = 2, 4
+INDEX_BYTES = 16  # int64 token ids and targets
 
 
 def spec_model(cfg: PretrainConfig) -> ModelConfig:
@@ -54,28 +55,34 @@ def state_bytes(n_params: int, precision: str = "bf16-mixed") -> dict[str, int]:
 
 
 def activation_bytes_per_layer(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
-    """Bytes one decoder layer saves for backward: s·b·(16·d + 4·d_kv + 8·d_ff).
+    """Bytes one decoder layer saves for backward: s·b·(30·d + 4·d_kv + 8·d_ff + 4·n_heads + 8).
 
     Korthikanti et al. (arXiv 2205.05198 §4.1, eq. 1) count s·b·h·(34 + 5·a·s/h) bytes for a
-    GPT layer in 16-bit. Adapted to this decoder (trainables/model.py under bf16 autocast):
-    flash/SDPA attention keeps no s×s scores (the 5·a·s/h term goes), there is no dropout (its
-    masks go), SwiGLU replaces GeLU, and the residual stream is fp32. Saved per token:
-    the two RMSNorm inputs, fp32: 2·4·d; the q/k/v and gate/up inputs, bf16: 2·2·d; Q and the
-    attention output (also the o-projection input): 2·2·d; K and V: 2·2·d_kv
-    (d_kv = n_kv·d_head); SwiGLU's gate, silu(gate), up and their product: 4·2·d_ff.
-    With MHA and d_ff = 2.5·d: 40·s·b·d (Korthikanti's 34 counts 16-bit norms and dropout).
+    GPT layer in 16-bit. Adapted to trainables/model.py under bf16 autocast, per token:
+    - two RMSNorms on the fp32 residual stream, each keeping its fp32 input, the fp32
+      normalised value (for the gain's gradient) and rstd: 2·(4d + 4d + 4) = 16d + 8;
+    - autocast casts the normed input to bf16 once per projection (q, k, v; gate, up): 5·2d;
+    - SDPA (flash) keeps Q 2d, K and V 2·2·d_kv (d_kv = n_kv·d_head), the output 2d (which is
+      also the o-projection input) and an fp32 logsumexp per head 4·n_heads; no s×s scores, so
+      Korthikanti's 5·a·s/h term goes;
+    - SwiGLU keeps gate, silu(gate), up and their product: 4·2·d_ff. No dropout anywhere.
+    MHA with d_ff = 2.5·d: ≈ 54·s·b·d. tests/test_plan.py checks the formula to the byte
+    against the tensors autograd saves (CPU); CUDA's fused RMSNorm may keep less.
     """
     d, d_kv = model.d_model, model.n_kv_heads * model.d_head
-    norms = 2 * RESIDUAL_BYTES * d
-    matmul_inputs = ACT_BYTES * (2 * d + 2 * d + 2 * d_kv + 4 * model.d_ff)
-    return seq_len * micro_batch * (norms + matmul_inputs)
+    norms = 2 * (2 * FP32 * d + FP32)
+    casts = 5 * BF16 * d
+    attention = BF16 * (2 * d + 2 * d_kv) + FP32 * model.n_heads
+    swiglu = 4 * BF16 * model.d_ff
+    return seq_len * micro_batch * (norms + casts + attention + swiglu)
 
 
 def head_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
-    """The final norm's fp32 input (4·d), the head's bf16 input (2·d), cross-entropy's fp32
-    log-softmax (4·V) and the bf16 logits alive beside it (2·V); large when V ≫ d."""
-    per_token = (RESIDUAL_BYTES + ACT_BYTES) * model.d_model + (4 + 2) * model.vocab_size
-    return seq_len * micro_batch * per_token
+    """The final RMSNorm (8d + 4 as above), the head's bf16 input 2d, cross-entropy's fp32
+    log-softmax 4·V and the int64 ids and targets; V ≫ d makes the log-softmax dominate. The
+    bf16 logits and their fp32 copy are transient (not saved), so the peak is briefly higher."""
+    per_token = 2 * FP32 * model.d_model + FP32 + BF16 * model.d_model + FP32 * model.vocab_size
+    return seq_len * micro_batch * (per_token + INDEX_BYTES)
 
 
 def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
@@ -168,7 +175,7 @@ def format_plan(p: dict) -> str:
         )
     lines += [
         f"activations per micro-batch of {act['micro_batch_size']}: {_gib(act['per_layer'])} "
-        f"per layer (s·b·(16d + 4d_kv + 8d_ff) bytes) + head {_gib(act['head'])} = "
+        f"per layer (s·b·(30d + 4d_kv + 8d_ff + 4h + 8) bytes) + head {_gib(act['head'])} = "
         f"{_gib(act['total'])}",
         f"per worker ({p['num_workers']} workers, bf16-mixed): ddp {_gib(worker['ddp'])} "
         f"(state + activations), fsdp {_gib(worker['fsdp'])} (state / {p['num_workers']} + "

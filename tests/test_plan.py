@@ -6,10 +6,12 @@ import argparse
 import json
 
 import pytest
+import torch
 import yaml
 
 from sandbox_service.plan import (
     GIB,
+    activation_bytes,
     activation_bytes_per_layer,
     add_plan_parser,
     gpu_hours,
@@ -19,8 +21,9 @@ from sandbox_service.plan import (
 )
 from trainables.data import DataConfig
 from trainables.dictconfig import to_dict
+from trainables.model import MiniCPM
 from trainables.pretrain_config import PretrainConfig, ScalingConfig
-from trainables.shapes import flops_per_token
+from trainables.shapes import flops_per_token, get_config
 
 H100 = 989e12
 
@@ -84,11 +87,36 @@ def test_state_bytes_by_hand_on_micro64():
 
 
 def test_activation_estimate_by_hand():
-    model = spec_model(_micro_spec())
-    # s·b·(16d + 4·d_kv + 8·d_ff) bytes = 128·2·(1024 + 256 + 1280)
-    assert activation_bytes_per_layer(model, 128, 2) == 128 * 2 * 2560 == 655_360
-    big = spec_model(_paper_spec())  # MHA with d_ff = 2.5·d: 40·s·b·d bytes (Korthikanti: 34)
-    assert activation_bytes_per_layer(big, 4096, 1) == 40 * 4096 * 2304
+    model = spec_model(_micro_spec())  # d 64, d_kv 64, d_ff 160, 2 heads
+    # s·b·(30d + 4·d_kv + 8·d_ff + 4·n_heads + 8) = 128·2·(1920 + 256 + 1280 + 8 + 8)
+    assert activation_bytes_per_layer(model, 128, 2) == 128 * 2 * 3472 == 888_832
+    big = spec_model(_paper_spec())  # MHA, d_ff = 2.5·d: 54·d + 4·36 + 8 bytes a token
+    assert activation_bytes_per_layer(big, 4096, 1) == 4096 * (54 * 2304 + 152)
+
+
+def _saved_activation_bytes(model: MiniCPM, batch: int, seq_len: int) -> int:
+    """Bytes of the distinct tensors with a batch dimension that autograd saves in one step."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[0] in (batch, batch * seq_len):  # not weights nor RoPE tables
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, model.cfg.vocab_size, (batch, seq_len))
+    targets = torch.randint(0, model.cfg.vocab_size, (batch, seq_len))
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+        model(ids, targets)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
+def test_activation_estimate_matches_what_autograd_saves(n_kv_heads):
+    cfg = get_config("micro-128", vocab_size=1024, max_seq_len=64, n_kv_heads=n_kv_heads)
+    torch.manual_seed(0)
+    measured = _saved_activation_bytes(MiniCPM(cfg), batch=3, seq_len=64)
+    assert measured == activation_bytes(cfg, 64, 3)
 
 
 def test_fsdp_divides_state_by_workers():
