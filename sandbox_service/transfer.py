@@ -125,6 +125,8 @@ class TransferOptions:
     target_loss: float | None = None
     decay_fraction: float | None = None
     warmup_fraction: float = 0.01  # MiniCPM's warmup is unpublished: 1% of steps is a choice
+    strategy: str = "ddp"  # `sandbox plan` says when fsdp is needed
+    data_sources: tuple[str, ...] | None = None  # None: DataConfig's default
     name: str | None = None
 
     def __post_init__(self):
@@ -185,11 +187,13 @@ def derive_mup(target: str, mup: Study | None, d: Derivation) -> dict:
     for key in MUP_FIELDS:
         model[key] = float(mup.need("chosen", "config", f"model.{key}"))
     shown = ", ".join(f"{k} {model[k]:.4g}" for k in MUP_FIELDS)
+    own_lr = config.get("train.lr")
+    unused = f"; its lr {own_lr:.4g} is not used (lr comes from the lr study)" if own_lr else ""
     d.add(
         "model",
         model,
-        f"{mup.tag}: best trial {mup.data['chosen'].get('trial_id', '?')} "
-        f"(chosen.config, {len(config)} searched): {shown}; μP constants are width-free",
+        f"{mup.tag}: best trial {mup.data['chosen'].get('trial_id', '?')} (chosen.config): "
+        f"{shown}; μP constants are width-free{unused}",
     )
     return model
 
@@ -273,8 +277,11 @@ def derive_batch(bs: Study, loss: float, opts: TransferOptions, d: Derivation) -
             f"target loss {loss:.4g} lies outside the bs law's fitted losses "
             f"[{loss_range[0]:.4g}, {loss_range[1]:.4g}]: the batch is extrapolated"
         )
-    if raw < unit / 2 or raw > 2 * batch:
-        d.warn(f"the law's {raw:,.0f} tokens round to {batch:,}: one step is far from the law")
+    if raw < unit / 2:
+        d.warn(
+            f"the law's {raw:,.0f} tokens are under half of one sequence per worker "
+            f"({unit:,}): the batch is that floor, not the law's value"
+        )
     return batch
 
 
@@ -348,16 +355,22 @@ def transfer(studies: Sequence[Study], opts: TransferOptions) -> tuple[PretrainC
         global_batch_tokens=batch,
         seq_len=opts.seq_len,
         tokens=tokens,
-        data=replace(DataConfig(), vocab_size=cfg.vocab_size),
+        data=_data(opts, cfg.vocab_size),
         micro_batch_size=opts.micro_batch_size,
         warmup_steps=warmup,
         decay_fraction=fraction,
         decay_shape=shape,
-        scaling=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu),
+        scaling=ScalingConfig(opts.num_workers, opts.use_gpu, opts.strategy),
         derivation=dict(d.steps),
     )
     d.note(f"steps: {spec.total_steps:,} of {batch:,} tokens; decay from step {spec.decay_start:,}")
     return spec, d
+
+
+def _data(opts: TransferOptions, vocab_size: int) -> DataConfig:
+    """The model's vocabulary follows the tokenizer's (data.vocab_size), so they are set equal."""
+    data = replace(DataConfig(), vocab_size=vocab_size)
+    return replace(data, sources=opts.data_sources) if opts.data_sources else data
 
 
 def dump_spec(spec: PretrainConfig) -> str:
@@ -384,6 +397,8 @@ def add_transfer_parser(subparsers) -> None:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per worker pass")
     p.add_argument("--gpu", action="store_true", help="train on GPUs")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    p.add_argument("--data", nargs="+", help="pretraining corpus paths/URLs (data.sources)")
     p.add_argument("--decay-fraction", type=float, help="default: wsd study, else 0.1")
     p.add_argument("--warmup-fraction", type=float, default=0.01, help="share of steps")
     p.add_argument("--name", help="spec name (default <target>-pretrain)")
@@ -403,6 +418,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         target_loss=args.target_loss,
         decay_fraction=args.decay_fraction,
         warmup_fraction=args.warmup_fraction,
+        strategy=args.strategy,
+        data_sources=tuple(args.data) if args.data else None,
         name=args.name,
     )
     spec, d = transfer(studies, opts)

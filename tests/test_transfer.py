@@ -21,7 +21,7 @@ from sandbox_service.transfer import (
     transfer,
 )
 from trainables.dictconfig import from_dict
-from trainables.pretrain_config import PretrainConfig
+from trainables.pretrain_config import PretrainConfig, ScalingConfig
 from trainables.shapes import get_config, non_embedding_params
 
 REAL_RUNS = Path("/work/results/runs")
@@ -176,30 +176,15 @@ def test_command_writes_yaml_and_prints_derivation(tmp_path, capsys):
     out = tmp_path / "spec.yaml"
     p = argparse.ArgumentParser()
     add_transfer_parser(p.add_subparsers())
-    args = p.parse_args(
-        [
-            "transfer",
-            "--storage",
-            str(tmp_path),
-            "--studies",
-            "lr-s",
-            "bs-s",
-            "--tokens",
-            "1.1e12",
-            "--target-loss",
-            "2.5",
-            "--num-workers",
-            "8",
-            "--gpu",
-            "--out",
-            str(out),
-        ]
-    )
+    argv = f"transfer --storage {tmp_path} --studies lr-s bs-s --tokens 1.1e12 --target-loss 2.5"
+    argv += f" --num-workers 8 --gpu --strategy fsdp --data /x/a.txt --out {out}"
+    args = p.parse_args(argv.split())
     assert args.fn(args) == 0
     text = capsys.readouterr().out
     assert "1. lr = 0.01" in text and "d/d_base = 2304/256 = 9" in text
     spec = from_dict(PretrainConfig, yaml_safe.load(out))
-    assert spec.scaling.num_workers == 8 and spec.scaling.use_gpu
+    assert spec.scaling == ScalingConfig(num_workers=8, use_gpu=True, strategy="fsdp")
+    assert spec.data.sources == ("/x/a.txt",) and spec.data.vocab_size == 122_753
 
 
 def test_real_studies(tmp_path):
