@@ -149,6 +149,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="list studies and their state")
     _storage_arg(s)
     s.set_defaults(fn=cmd_status)
+    from sandbox_service.plan import add_plan_parser
+    from sandbox_service.transfer import add_transfer_parser
+
+    add_transfer_parser(sub)
+    add_plan_parser(sub)
     c = sub.add_parser("coordcheck", help="μP coordinate check: activation scale vs width")
     from trainables.coordcheck import add_arguments
 

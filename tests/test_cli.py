@@ -28,3 +28,14 @@ def test_coordcheck_writes_its_plot(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "mup: slope" in printed and "sp: slope" in printed
+
+
+def test_plan_prints_the_paper_count(tmp_path, capsys):
+    spec = tmp_path / "pretrain.yaml"
+    spec.write_text(
+        "name: p\nmodel: {preset: minicpm-2.4b}\nlr: 0.01\nglobal_batch_tokens: 3932160\n"
+        "seq_len: 4096\ntokens: 1.1e12\nmicro_batch_size: 4\n"
+        "scaling: {num_workers: 120, use_gpu: true}\n"
+    )
+    assert cli.main(["plan", str(spec)]) == 0
+    assert "2,442,057,984" in capsys.readouterr().out
