@@ -161,3 +161,37 @@ def test_anneal_branches_from_a_stable_checkpoint(small_store, tmp_path):
 
     with pytest.raises(ValueError, match="needs init_from"):
         train_pretrain(cfg, small_store, stage="anneal")
+
+
+# --- Ray Train: 2 CPU workers, DDP over gloo ----------------------------------------------------
+
+
+def test_ray_train_two_workers_match_one_process_through_a_failure(
+    ray_local, small_store, tmp_path
+):
+    """One fit: DDP on 2 workers; a failure at step 8 restarts them from the step-4 checkpoint.
+
+    Reports only at the checkpoints (each ray.train.report is a round trip to the controller).
+    """
+    from sandbox_service.pretrain import checkpoints, run_pretrain
+
+    torch.set_num_threads(1)
+    cfg = spec(small_store, steps=10)  # pretrain = steps 0..8, checkpoints at 4 and 8
+    single = run(cfg, small_store, tmp_path, "single")
+    marker = tmp_path / "failed-once"
+    result = run_pretrain(
+        cfg,
+        str(tmp_path / "runs"),
+        num_workers=2,
+        report_every=4,
+        wandb_mode="disabled",
+        fail_once={"step": 8, "marker": str(marker)},
+    )
+    assert result.error is None
+    assert marker.read_text() == "8"  # the failure happened, and the run still finished
+    assert result.metrics["step"] == 8 and result.metrics["completed"]
+    # steps 5..8 again after the restart: same data and schedule, only the order of float
+    # reductions differs from one process
+    window = [single.losses()[s] for s in range(5, 9)]
+    assert result.metrics["train_loss"] == pytest.approx(sum(window) / 4, rel=1e-4)
+    assert [s for s, _ in checkpoints(str(tmp_path / "runs"), cfg.name)] == [4, 8]

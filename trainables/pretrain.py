@@ -420,7 +420,7 @@ def _tracker(config: dict, rank: int):
 
 
 def _maybe_fail(fail_once: dict | None, step: int, rank: int) -> None:
-    """Fault drill: raise once on rank 0 at `step`; the marker file makes it once per run."""
+    """Fault drill: raise once on rank 0 when `step` is reported; a marker file keeps it once."""
     if not fail_once or rank != 0 or step != fail_once["step"]:
         return
     marker = Path(fail_once["marker"])
