@@ -163,6 +163,35 @@ def test_anneal_branches_from_a_stable_checkpoint(small_store, tmp_path):
         train_pretrain(cfg, small_store, stage="anneal")
 
 
+# --- the launcher's checks, before any Ray object is built ---------------------------------------
+
+
+def test_spec_file_run_names_and_refusals(small_store, tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from sandbox_service.pretrain import load_spec, run_name, run_pretrain
+    from trainables.dictconfig import to_dict
+    from trainables.pretrain_config import ScalingConfig
+
+    cfg = spec(small_store)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_spec(path) == cfg
+    assert run_name(cfg, "pretrain", None, None) == "micro-pretrain"
+    stable = tmp_path / "runs" / "micro-pretrain" / "step_00000009"
+    assert run_name(cfg, "anneal", stable, None) == "micro-pretrain-anneal-step_00000009"
+    assert run_name(cfg, "anneal", stable, "mix2") == "micro-pretrain-anneal-mix2"
+    fsdp = dataclasses.replace(cfg, scaling=ScalingConfig(strategy="fsdp"))
+    with pytest.raises(ValueError, match="strategy='fsdp'"):
+        run_pretrain(fsdp, str(tmp_path))
+    with pytest.raises(ValueError, match="required for an anneal"):
+        run_pretrain(cfg, str(tmp_path), stage="anneal")
+    with pytest.raises(ValueError, match="not a multiple of 3 workers"):
+        run_pretrain(cfg, str(tmp_path), num_workers=3)
+
+
 # --- Ray Train: 2 CPU workers, DDP over gloo ----------------------------------------------------
 
 

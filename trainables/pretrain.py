@@ -277,16 +277,16 @@ class _Loop:
         if self.rt.log is not None:
             self.rt.log(metrics)
         self.last = metrics
-        if self.rt.report is None:
-            pass
-        elif not checkpoint:
-            self.rt.report(metrics, None)
-        else:
+        if checkpoint:
             self.report_checkpoint(metrics)
+        elif self.rt.report is not None:
+            self.rt.report(metrics, None)
         self.window_loss, self.window_steps, self.t0 = 0.0, 0, time.perf_counter()
 
     def report_checkpoint(self, metrics: dict) -> None:
         """Rank 0 writes the checkpoint; every rank reports, as Ray Train requires."""
+        if self.rt.report is None:
+            return
         if self.rt.rank != 0:
             self.rt.report(metrics, None)
             return
