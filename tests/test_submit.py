@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -175,3 +180,85 @@ def test_the_entrypoint_is_a_real_sandbox_command():
     entry = shlex.split(submit.build_entrypoint(["status", "--storage", "/tmp/x"], sys.executable))
     assert entry[1:3] == ["-m", "sandbox_service.cli"]
     assert cli.parser().parse_args(entry[3:]).fn is cli.cmd_status
+
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_BIN = Path(sys.executable).parent / "ray"
+
+
+@pytest.fixture(scope="module")
+def jobs_cluster():
+    """A private one-node Ray with the Jobs API and token auth, made by cluster/local/'s scripts
+    (which end only their own processes); yields the environment its clients need."""
+    pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]")
+    if not RAY_BIN.exists():
+        pytest.skip(f"no ray CLI at {RAY_BIN}")
+    state = tempfile.mkdtemp(prefix="sbj-")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_BIN": str(RAY_BIN), "PYTHON_BIN": sys.executable}
+    start = [str(REPO / "cluster/local/start_local_cluster.sh"), "--workers", "0"]
+    try:
+        subprocess.run([*start, "--state-dir", state], env=env, check=True, timeout=120)
+        exported = subprocess.run(
+            ["bash", "-c", f"source {shlex.quote(state)}/env.sh && env -0"],
+            env=env,
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout.decode()
+        yield dict(item.split("=", 1) for item in exported.split("\0") if "=" in item)
+    finally:
+        stop = REPO / "cluster/local/stop_local_cluster.sh"
+        subprocess.run([str(stop), state], env=env, timeout=120)
+
+
+def submit_for_real(env: dict, command: list[str]) -> subprocess.CompletedProcess:
+    """`sandbox submit` in a fresh interpreter, so that it reads only this cluster's token."""
+    script = (
+        "import argparse, sys\n"
+        "from sandbox_service import submit\n"
+        "p = argparse.ArgumentParser()\n"
+        "submit.add_parser(p.add_subparsers())\n"
+        "sys.exit(submit.cmd_submit(p.parse_args(sys.argv[1:])))\n"
+    )
+    argv = ["submit", "--address", env["RAY_API_SERVER_ADDRESS"], "--python", sys.executable]
+    return subprocess.run(
+        [sys.executable, "-c", script, *argv, "--working-dir", str(REPO), "--", *command],
+        env=env | {"WANDB_API_KEY": "wandb-secret-4242"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_real_jobs_run_stream_logs_and_return_their_exit_status(jobs_cluster, tmp_path):
+    ok = submit_for_real(jobs_cluster, ["model", "micro-32"])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "non_embedding_params         23,712" in ok.stdout  # the job's own output, streamed
+    assert "SUCCEEDED" in ok.stdout and "wandb-secret-4242" not in ok.stdout + ok.stderr
+    failed = submit_for_real(jobs_cluster, ["report", "nope", "--storage", str(tmp_path)])
+    assert failed.returncode == 2, failed.stdout + failed.stderr  # `sandbox report`'s own code
+    assert "no finished study there" in failed.stdout and "FAILED" in failed.stdout
+    ids = [
+        line.split()[1]
+        for line in (ok.stdout + failed.stdout).splitlines()
+        if line.startswith("job:")
+    ]
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from sandbox_service.submit import list_jobs; import json, sys;"
+            "print(json.dumps(list_jobs(sys.argv[1])))",
+            jobs_cluster["RAY_API_SERVER_ADDRESS"],
+        ],
+        env=jobs_cluster,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows = {r["submission_id"]: r["status"] for r in json.loads(listed.stdout)}
+    assert rows == {ids[0]: "SUCCEEDED", ids[1]: "FAILED"}
