@@ -57,7 +57,11 @@ def run_pretrain(
     peak_flops: float | None = None,
     fail_once: dict | None = None,
 ):
-    """Run (or resume) one stage; returns Ray's `Result` (metrics, checkpoint, path, error).
+    """Run (or resume) one stage; returns Ray's `Result` (metrics, checkpoint, path).
+
+    Raises Ray Train's error once the workers fail more than max_failures times; rerunning the
+    same call then resumes from the last checkpoint. Rank 0 logs to W&B (offline by default,
+    under `<storage>/<name>/wandb` for a later `wandb sync`; "disabled" turns it off).
 
     num_workers overrides cfg.scaling.num_workers; peak_flops (per device) enables MFU on CPUs
     (on GPUs it is measured when not given); fail_once={"step": k, "marker": path} raises once on
