@@ -2,10 +2,11 @@
 
 Each scenario runs in its own subprocess, because the session may already hold a local Ray
 (`ray_local`) and one process can join only one Ray instance. The subprocess builds a private
-`ray.cluster_utils.Cluster` (head + one worker node, one CPU each), runs the study, shuts the
-cluster down in a `finally`, and prints one JSON line the test asserts on. Every subprocess is
-bounded by a timeout and started in its own process group, so that on timeout only the processes
-it started are ended.
+`ray.cluster_utils.Cluster` (a head and one or two worker nodes, one CPU each), runs the study,
+shuts the cluster down in a `finally`, and prints one JSON line the test asserts on. Every
+subprocess is bounded by a timeout and started in its own process group, so that on timeout only
+the processes it started are ended. The driver-kill scenario needs no cluster: it kills a
+subprocess that runs the study on its own local Ray, and reruns it.
 """
 
 from __future__ import annotations
