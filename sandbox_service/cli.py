@@ -95,6 +95,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sandbox_service.status import study_states
 
+    if args.jobs:
+        from sandbox_service.submit import format_jobs, list_jobs
+
+        print(format_jobs(list_jobs(args.address)))
+        return 0
     rows = study_states(args.storage)
     if not rows:
         print(f"no studies under {args.storage}")
@@ -110,6 +115,44 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
 
     coordcheck.run(args)
     return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from sandbox_service.pretrain import run_pretrain
+
+    stage = "anneal" if args.command == "anneal" else "pretrain"
+    result = run_pretrain(
+        args.spec,
+        args.storage,
+        stage=stage,
+        address=args.address,
+        init_from=getattr(args, "init_from", None),
+        tag=getattr(args, "tag", None),
+        wandb_mode=args.wandb_mode,
+    )
+    print(f"{stage} finished: {result.metrics}")
+    return 0
+
+
+def _pretrain_parsers(sub) -> None:
+    for name, text in (
+        ("pretrain", "Ray Train pretrain (warmup + stable) from a pretrain spec"),
+        ("anneal", "Ray Train anneal (WSD decay) from a stable checkpoint"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec", help="a pretrain spec YAML (see `sandbox transfer`)")
+        _storage_arg(p)
+        p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+        p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default="offline")
+        if name == "anneal":
+            p.add_argument(
+                "--from",
+                dest="init_from",
+                required=True,
+                help="stable checkpoint folder, e.g. <storage>/<name>/step_00001234",
+            )
+            p.add_argument("--tag", default=None, help="names this anneal's output folder")
+        p.set_defaults(fn=cmd_pretrain)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -148,12 +191,18 @@ def parser() -> argparse.ArgumentParser:
     rep.set_defaults(fn=cmd_report)
     s = sub.add_parser("status", help="list studies and their state")
     _storage_arg(s)
+    s.add_argument("--jobs", action="store_true", help="list the cluster's Ray Jobs instead")
+    s.add_argument("--address", default=None, help="Ray dashboard/Jobs address for --jobs")
     s.set_defaults(fn=cmd_status)
     from sandbox_service.plan import add_plan_parser
     from sandbox_service.transfer import add_transfer_parser
 
     add_transfer_parser(sub)
     add_plan_parser(sub)
+    _pretrain_parsers(sub)
+    from sandbox_service import submit
+
+    submit.add_parser(sub)
     c = sub.add_parser("coordcheck", help="μP coordinate check: activation scale vs width")
     from trainables.coordcheck import add_arguments
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from sandbox_service import storage as storage_urls
 from sandbox_service import yaml_safe
+from sandbox_service.spec import absolute_sources
 from sandbox_service.study import init_ray
 from trainables import checkpoint as ckpt
 from trainables.data import prepare
@@ -31,8 +33,10 @@ CHECKPOINT_RE = re.compile(r"step_(\d{8})")
 
 
 def load_spec(path: str | Path) -> PretrainConfig:
-    """A PretrainConfig from a YAML file; errors name the file and the key."""
-    return from_dict(PretrainConfig, yaml_safe.load(path), str(path))
+    """A PretrainConfig from a YAML file; errors name the file and the key. Local data paths
+    become absolute here: Ray Train workers run in their own working directories."""
+    cfg = from_dict(PretrainConfig, yaml_safe.load(path), str(path))
+    return replace(cfg, data=replace(cfg.data, sources=absolute_sources(cfg.data.sources)))
 
 
 def run_name(cfg: PretrainConfig, stage: str, init_from: str | Path | None, tag: str | None) -> str:
@@ -71,6 +75,8 @@ def run_pretrain(
     from ray.train.torch import TorchTrainer
 
     cfg = cfg if isinstance(cfg, PretrainConfig) else load_spec(cfg)
+    if init_from is not None and "://" not in str(init_from):
+        init_from = str(Path(init_from).resolve())  # workers do not share our working directory
     _check_stage(cfg, stage, init_from)
     workers = num_workers or cfg.scaling.num_workers
     cfg.accumulation_steps(workers)  # refuse an uneven split before any worker starts

@@ -209,7 +209,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
 def parse_spec(raw: Any, source: str = "<spec>") -> StudySpec:
     try:
         top = from_dict(_SpecFile, raw, "")
-        top = replace(top, data=replace(top.data, sources=_absolute(top.data.sources)))
+        top = replace(top, data=replace(top.data, sources=absolute_sources(top.data.sources)))
         _check_name(top.name)
         space = tuple(_distribution(k, v) for k, v in top.search.space.items())
         spec = StudySpec(
@@ -239,7 +239,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> StudySpec:
     return spec
 
 
-def _absolute(sources: tuple[str, ...]) -> tuple[str, ...]:
+def absolute_sources(sources: tuple[str, ...]) -> tuple[str, ...]:
     """Local relative paths become absolute here, where the user ran the command: trials run
     in their own working directories (and on other nodes)."""
     return tuple(
