@@ -27,6 +27,7 @@ import pickle
 import random
 import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,13 @@ def _encode(t: torch.Tensor) -> str:
 
 def _decode(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def local_copy(checkpoint, prefix: str = "resume-") -> Path | None:
+    """A Ray `Checkpoint` (which may live on remote storage) copied to a local temp folder."""
+    if checkpoint is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix=prefix))
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    return local

@@ -346,7 +346,7 @@ def pretrain_worker(config: dict) -> None:
     if peak is None and device.type == "cuda":
         peak = measure_peak_flops(device)
     tracker = _tracker(config, rank)
-    resume = _local_copy(ray.train.get_checkpoint())
+    resume = ckpt.local_copy(ray.train.get_checkpoint(), "pretrain-resume-")
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         _maybe_fail(config.get("fail_once"), metrics["step"], rank)
@@ -390,16 +390,6 @@ def _token_store(cfg: PretrainConfig, root: str | None) -> TokenStore:
     from trainables.data import prepare
 
     return prepare(cfg.data)
-
-
-def _local_copy(checkpoint) -> Path | None:
-    """Ray's checkpoint copied to a local folder (it may live on remote storage)."""
-    if checkpoint is None:
-        return None
-    local = Path(tempfile.mkdtemp(prefix="pretrain-resume-"))
-    with checkpoint.as_directory() as d:
-        shutil.copytree(d, local, dirs_exist_ok=True)
-    return local
 
 
 def _tracker(config: dict, rank: int):

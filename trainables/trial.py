@@ -14,10 +14,10 @@ trial runs the same in a test, a benchmark, or under Tune (`tune_trial`, the onl
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainables import checkpoint as ckpt
 from trainables import data
 from trainables.dictconfig import ConfigError, from_dict
 from trainables.shapes import ModelConfig, get_config
@@ -80,7 +80,7 @@ def tune_trial(config: dict) -> None:
     store = _token_store(cfg)
     context = tune.get_context()
     tracker = _tracker(cfg, config, context.get_trial_name())
-    resume_dir = _restore_checkpoint(tune.get_checkpoint())
+    resume_dir = ckpt.local_copy(tune.get_checkpoint(), "trial-resume-")
     save_root = cfg.runtime.get("save_root")
     save_dir = Path(save_root) / context.get_trial_id() if save_root else None
 
@@ -135,13 +135,3 @@ def _tracker(cfg: TrialConfig, config: dict, trial_name: str) -> TrialTracker:
         config={k: v for k, v in config.items() if k != "runtime"},
         directory=runtime.get("wandb_dir"),
     )
-
-
-def _restore_checkpoint(checkpoint) -> Path | None:
-    """Copy Tune's checkpoint to a local folder (it may live on remote storage)."""
-    if checkpoint is None:
-        return None
-    local = Path(tempfile.mkdtemp(prefix="trial-resume-"))
-    with checkpoint.as_directory() as d:
-        shutil.copytree(d, local, dirs_exist_ok=True)
-    return local
