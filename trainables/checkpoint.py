@@ -41,6 +41,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
+RESERVED_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE)
 FORMAT_VERSION = 1
 _HASH_CHUNK_BYTES = 1 << 20
 # renameat2(2) constants from <fcntl.h> and <linux/fs.h>.
@@ -60,11 +61,13 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write model, optimizer and state as one checkpoint folder at `directory`; returns it.
 
-    `state` must hold JSON values only (tuples come back as lists). An existing checkpoint at
-    `directory` is replaced; any other non-empty folder there is refused, never overwritten.
+    `state` must hold JSON values only (tuples come back as lists). `extra_files` (name -> bytes,
+    e.g. the tokenizer) are written beside them and sealed in the same manifest. An existing
+    checkpoint at `directory` is replaced; any other non-empty folder there is refused.
     """
     dest = Path(directory)
     _check_json(state, "state")
@@ -74,6 +77,10 @@ def save_checkpoint(
     staging = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
     staging.mkdir()
     try:
+        for name, data in (extra_files or {}).items():
+            if name in RESERVED_FILES or Path(name).name != name:
+                raise CheckpointError(f"extra file {name!r}: must be a plain, unreserved file name")
+            (staging / name).write_bytes(data)
         _write_files(staging, model, optimizer, state)
         _swap_into_place(staging, dest)
     except BaseException:

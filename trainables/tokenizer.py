@@ -55,6 +55,11 @@ class Tokenizer:
     def __reduce__(self):  # ship the model bytes, not the C++ object, to other processes
         return Tokenizer, (self._model_bytes, self.path)
 
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized SentencePiece model, e.g. to store beside the weights."""
+        return self._model_bytes
+
     def __repr__(self) -> str:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
