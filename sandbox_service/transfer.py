@@ -95,7 +95,7 @@ def load_study(root: str, name: str) -> Study:
     return Study(name, url, data)
 
 
-def by_kind(studies: Sequence[Study]) -> dict[str, Study]:
+def by_kind(studies: Sequence[Study], required: Sequence[str] = REQUIRED_KINDS) -> dict[str, Study]:
     """Studies keyed by kind; two of one kind, an unknown kind or a missing required one refuse."""
     out: dict[str, Study] = {}
     for study in studies:
@@ -105,7 +105,7 @@ def by_kind(studies: Sequence[Study]) -> dict[str, Study]:
         if kind in out:
             raise TransferError(f"studies {out[kind].name} and {study.name} are both {kind!r}")
         out[kind] = study
-    for kind in REQUIRED_KINDS:
+    for kind in required:
         if kind not in out:
             given = ", ".join(s.name for s in studies) or "none"
             raise TransferError(f"a {kind!r} study is required (given: {given})")
@@ -128,6 +128,7 @@ class TransferOptions:
     strategy: str = "ddp"  # `sandbox plan` says when fsdp is needed
     data_sources: tuple[str, ...] | None = None  # None: DataConfig's default
     name: str | None = None
+    global_batch_tokens: int | None = None  # fixes the batch; the batch-size study is not needed
 
     def __post_init__(self):
         for name in ("seq_len", "num_workers", "micro_batch_size"):
@@ -137,6 +138,8 @@ class TransferOptions:
             raise TransferError(f"tokens={self.tokens}: must be >= 1")
         if self.target_loss is not None and not self.target_loss > 0:
             raise TransferError(f"target_loss={self.target_loss}: must be > 0")
+        if self.global_batch_tokens is not None and self.global_batch_tokens < 1:
+            raise TransferError(f"global_batch_tokens={self.global_batch_tokens}: must be >= 1")
         if not 0 <= self.warmup_fraction < 1:
             raise TransferError(f"warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
 
@@ -285,6 +288,19 @@ def derive_batch(bs: Study, loss: float, opts: TransferOptions, d: Derivation) -
     return batch
 
 
+def given_batch(opts: TransferOptions, d: Derivation) -> int:
+    """A batch fixed by the user (hardware, or a proxy run too small for the bs law)."""
+    unit = opts.seq_len * opts.num_workers * opts.micro_batch_size
+    if opts.global_batch_tokens % unit:
+        raise TransferError(
+            f"global_batch_tokens={opts.global_batch_tokens}: must be a multiple of seq_len "
+            f"{opts.seq_len} × {opts.num_workers} workers × micro-batch {opts.micro_batch_size}"
+            f" = {unit}"
+        )
+    d.add("global_batch_tokens", f"{opts.global_batch_tokens:,}", "given, not derived from a law")
+    return opts.global_batch_tokens
+
+
 def derive_schedule(opts: TransferOptions, wsd: Study | None, d: Derivation) -> tuple[float, str]:
     if opts.decay_fraction is not None:
         d.add("decay_fraction", opts.decay_fraction, "given on the command line")
@@ -336,7 +352,8 @@ def mup_sanity(target: str, lr: float, d: Derivation) -> None:
 
 def transfer(studies: Sequence[Study], opts: TransferOptions) -> tuple[PretrainConfig, Derivation]:
     """The pretrain spec for `opts.target` from the studies, and its derivation."""
-    kinds = by_kind(studies)
+    fixed_batch = opts.global_batch_tokens is not None
+    kinds = by_kind(studies, ("lr_transfer",) if fixed_batch else REQUIRED_KINDS)
     d = Derivation()
     cfg = get_config(opts.target)
     n = non_embedding_params(cfg)
@@ -344,8 +361,11 @@ def transfer(studies: Sequence[Study], opts: TransferOptions) -> tuple[PretrainC
     mup_sanity(opts.target, lr, d)
     model = derive_mup(opts.target, kinds.get("mup_hparams"), d)
     tokens = derive_tokens(opts, n, kinds.get("scaling"), d)
-    loss = derive_target_loss(opts, n, tokens, kinds["batch_size"], kinds.get("scaling"), d)
-    batch = derive_batch(kinds["batch_size"], loss, opts, d)
+    if fixed_batch:
+        batch = given_batch(opts, d)
+    else:
+        loss = derive_target_loss(opts, n, tokens, kinds["batch_size"], kinds.get("scaling"), d)
+        batch = derive_batch(kinds["batch_size"], loss, opts, d)
     fraction, shape = derive_schedule(opts, kinds.get("wsd"), d)
     warmup = derive_warmup(opts, tokens, batch, d)
     spec = PretrainConfig(
@@ -393,6 +413,9 @@ def add_transfer_parser(subparsers) -> None:
     p.add_argument("--storage", default=storage.DEFAULT_ROOT, help="root of the studies")
     p.add_argument("--tokens", type=float, help="training tokens (default: scaling study D/N·N)")
     p.add_argument("--target-loss", type=float, help="loss at which to read the bs law")
+    p.add_argument(
+        "--global-batch-tokens", type=int, help="fix the batch (then no batch-size study is needed)"
+    )
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per worker pass")
@@ -421,6 +444,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         data_sources=tuple(args.data) if args.data else None,
         name=args.name,
+        global_batch_tokens=args.global_batch_tokens,
     )
     spec, d = transfer(studies, opts)
     print(f"transfer to {opts.target} from {', '.join(s.tag for s in studies)}")

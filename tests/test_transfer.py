@@ -202,3 +202,15 @@ def test_real_studies(tmp_path):
     assert spec.tokens == round(ratio * N_24B)
     assert from_dict(PretrainConfig, yaml_safe.loads(dump_spec(spec))) == spec
     assert any("outside the bs law's fitted losses" in w for w in d.warnings)  # 3.0 < 3.68
+
+
+def test_a_given_batch_needs_no_batch_size_study(tmp_path):
+    _write(tmp_path, _analyses())
+    spec, d = _run(tmp_path, ["lr-s"], tokens=1e9, global_batch_tokens=4096 * 96, num_workers=8)
+    assert spec.global_batch_tokens == 4096 * 96
+    assert d.steps["global_batch_tokens"] == "given, not derived from a law"
+    assert "target_loss" not in d.steps  # no law is read, so no loss is needed
+    with pytest.raises(TransferError, match="a 'batch_size' study is required"):
+        _run(tmp_path, ["lr-s"], tokens=1e9)
+    with pytest.raises(TransferError, match="multiple of seq_len 4096 × 8 workers"):
+        _run(tmp_path, ["lr-s"], tokens=1e9, global_batch_tokens=4096 * 4, num_workers=8)
