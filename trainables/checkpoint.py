@@ -13,6 +13,12 @@ refuses a missing, truncated or corrupt file with a CheckpointError that names i
     save_checkpoint(path, model, opt, {"step": step, "tokens_seen": n, "rng": rng_state()})
     state = load_checkpoint(path, model, opt)
     set_rng_state(state["rng"])
+
+Resuming never trusts one checkpoint blindly: `resume_point(run/step_00000040)` returns the newest
+checkpoint of that run, at or before the one asked for, that verifies, and logs a warning naming
+each damaged one it skipped; `local_copy` does the same for a checkpoint Ray hands back.
+A write that storage refuses (full disk, read-only) raises a StorageError naming the folder and
+the bytes needed, and leaves the previous checkpoint (or nothing) at the destination.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+
+from trainables.storage_errors import storage_error
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -47,6 +58,11 @@ _HASH_CHUNK_BYTES = 1 << 20
 # renameat2(2) constants from <fcntl.h> and <linux/fs.h>.
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+# Numbered checkpoints of one run: ours (`step_<n>`) and Ray Tune's (`checkpoint_<n>`).
+NUMBERED = re.compile(r"(step|checkpoint)_(\d+)")
+REPORTED_SUBFOLDER = "state"  # a reported checkpoint folder holds the checkpoint here
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -72,22 +88,36 @@ def save_checkpoint(
     dest = Path(directory)
     _check_json(state, "state")
     _check_replaceable(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    for name in extra_files or {}:
+        if name in RESERVED_FILES or Path(name).name != name:
+            raise CheckpointError(f"extra file {name!r}: must be a plain, unreserved file name")
     # A sibling, so the final rename stays on one file system; mkdir honours the umask.
     staging = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    staging.mkdir()
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         for name, data in (extra_files or {}).items():
-            if name in RESERVED_FILES or Path(name).name != name:
-                raise CheckpointError(f"extra file {name!r}: must be a plain, unreserved file name")
             (staging / name).write_bytes(data)
         _write_files(staging, model, optimizer, state)
         _swap_into_place(staging, dest)
+        _fsync_dir(dest.parent)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = state_bytes(model, optimizer) + sum(map(len, (extra_files or {}).values()))
+        raise storage_error(e, dest, needed) from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(dest.parent)
     return dest
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of tensor data a checkpoint of `model` and `optimizer` holds (tied weights once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    if optimizer is not None:
+        for slots in optimizer.state.values():
+            tensors |= {t.data_ptr(): t for t in slots.values() if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _write_files(
@@ -254,13 +284,17 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     map_location: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Verify the checkpoint, load weights (and optimizer state if given), return the state.
 
-    On CheckpointError from a shape or name mismatch the model may be partly overwritten.
+    verify=False skips the checksums: only for a folder that resume_point or local_copy has
+    just verified (hashing a large checkpoint twice costs minutes). On CheckpointError from a
+    shape or name mismatch the model may be partly overwritten.
     """
     folder = Path(directory)
-    verify_checkpoint(folder)
+    if verify:
+        verify_checkpoint(folder)
     try:
         load_model(model, folder / MODEL_FILE, strict=True, device=str(map_location))
     except (RuntimeError, ValueError, SafetensorError) as e:
@@ -344,11 +378,128 @@ def _decode(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
+# --- choosing the checkpoint to resume from ------------------------------------------------------
+
+
+def newest_valid(
+    folders: Iterable[str | Path],
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The first of `folders` (give them newest first) whose checkpoint verifies, and each one
+    skipped before it with the reason (the CheckpointError, which names the bad file).
+
+    A folder is a checkpoint or a reported folder holding one in `state/`. Stops at the first
+    valid folder, so a lazy iterable fetches no more candidates than needed.
+    """
+    skipped = []
+    for folder in map(Path, folders):
+        try:
+            verify_checkpoint(inner_checkpoint(folder))
+        except CheckpointError as e:
+            skipped.append((folder, str(e)))
+            continue
+        return folder, skipped
+    return None, skipped
+
+
+def inner_checkpoint(folder: str | Path) -> Path:
+    """The checkpoint in a reported folder (`<folder>/state`), else `folder` itself."""
+    folder = Path(folder)
+    inner = folder / REPORTED_SUBFOLDER
+    return inner if inner.is_dir() else folder
+
+
+def older_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoints of the same run saved before `folder`, newest first: its siblings named
+    like it (`step_<n>`, or Ray Tune's `checkpoint_<n>`) with a smaller n.
+
+    Never a newer one: a checkpoint past the one the run's bookkeeping points at was not
+    reported as complete (or belongs to a later attempt), so resuming there could skip steps.
+    """
+    folder = Path(folder)
+    older = older_names(folder.name, _listdir(folder.parent))
+    return [folder.parent / name for name in older if (folder.parent / name).is_dir()]
+
+
+def older_names(name: str, siblings: Iterable[str]) -> list[str]:
+    """The names among `siblings` numbered like `name` (same prefix) and lower, highest first."""
+    match = NUMBERED.fullmatch(name)
+    if match is None:
+        return []
+    prefix, number = match.group(1), int(match.group(2))
+    found = []
+    for sibling in siblings:
+        m = NUMBERED.fullmatch(sibling)
+        if m is not None and m.group(1) == prefix and int(m.group(2)) < number:
+            found.append((int(m.group(2)), sibling))
+    return [sibling for _, sibling in sorted(found, reverse=True)]
+
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def resume_point(folder: str | Path) -> Path:
+    """`folder` if its checkpoint verifies, else the newest older checkpoint of the same run that
+    does; warns once per skipped folder with the file and the reason. Raises CheckpointError,
+    listing every reason, when none verifies."""
+    folder = Path(folder)
+    good, skipped = newest_valid([folder, *older_checkpoints(folder)])
+    _chosen(good, skipped, folder)
+    return good
+
+
+def _chosen(good, skipped: list[tuple[Any, str]], asked) -> None:
+    """Warn for each skipped checkpoint, or raise when nothing is left to resume from."""
+    if good is None:
+        reasons = "; ".join(reason for _, reason in skipped)
+        raise CheckpointError(f"no valid checkpoint at or before {asked}: {reasons}")
+    for folder, reason in skipped:
+        log.warning("skipping damaged checkpoint %s (%s); resuming from %s", folder, reason, good)
+
+
 def local_copy(checkpoint, prefix: str = "resume-") -> Path | None:
-    """A Ray `Checkpoint` (which may live on remote storage) copied to a local temp folder."""
+    """A local copy of the checkpoint Ray hands back to resume from (which may live on remote
+    storage), or, if it is damaged, of the newest older checkpoint of the same run beside it.
+
+    Candidates are copied one at a time, newest first, and verified; a warning names each
+    damaged one by its storage path. Raises CheckpointError when none verifies; None when Ray
+    has no checkpoint.
+    """
     if checkpoint is None:
         return None
-    local = Path(tempfile.mkdtemp(prefix=prefix))
-    with checkpoint.as_directory() as d:
-        shutil.copytree(d, local, dirs_exist_ok=True)
-    return local
+    origin: dict[Path, str] = {}  # local copy -> the storage path it came from
+
+    def copies() -> Iterator[Path]:
+        for path in [checkpoint.path, *_older_in_storage(checkpoint)]:
+            local = Path(tempfile.mkdtemp(prefix=prefix))
+            origin[local] = path
+            type(checkpoint)(path, checkpoint.filesystem).to_directory(str(local))
+            yield local
+
+    good = None
+    try:
+        good, skipped = newest_valid(copies())
+    finally:
+        for local in origin:
+            if local != good:
+                shutil.rmtree(local, ignore_errors=True)
+    # name each damaged file by where it lives in storage, not by its temporary copy
+    named = [(origin[c], reason.replace(str(c), origin[c])) for c, reason in skipped]
+    _chosen(origin.get(good), named, checkpoint.path)
+    return good
+
+
+def _older_in_storage(checkpoint) -> list[str]:
+    """Storage paths of the run's checkpoints older than Ray's `checkpoint`, newest first."""
+    import pyarrow.fs
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    try:
+        infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    folders = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    return [f"{parent}/{older}" for older in older_names(name, folders)]

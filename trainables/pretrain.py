@@ -2,12 +2,16 @@
 
 Plain PyTorch and torch.distributed: `train_pretrain(cfg, store, runtime)` runs in one process
 (tests, a laptop) or on each Ray Train worker (`pretrain_worker`, the only Ray code here), which
-passes a `Runtime` holding its rank, device, DDP wrapper and report callback.
+passes a `Runtime` holding its rank, device, strategy (ddp replicates the model, fsdp shards it
+with FSDP2: trainables.fsdp) and report callback.
 
-Data: optimizer step s reads the global batch `sample_batch(train, sequences_per_step, seq_len,
-seed, s)`; rank r takes rows [r·N/W, (r+1)·N/W) and micro-step m the next micro_batch_size rows of
-those. The global batch is therefore the same for any worker count, and the step alone is the data
-position, so a resumed run sees exactly the batches it would have seen.
+Data: optimizer step s reads the global batch `sample_batch(train, N_s, seq_len, seed, s)` with
+N_s = cfg.sequences_at(s) (the batch may grow at set token counts: cfg.batch_schedule); rank r
+takes rows [r·N/W, (r+1)·N/W) and micro-step m the next micro_batch_size rows of those. The global
+batch is therefore the same for any worker count, and the step alone is the data position, so a
+resumed run sees exactly the batches it would have seen. An anneal with `cfg.anneal_mixture`
+draws its rows from the mixture's sources instead (trainables.mixture), again by (seed, s) alone,
+and reports each source's loss and tokens.
 
 Stages (MiniCPM §4, WSD): `pretrain` runs warmup and stable steps 0 .. decay_start and ends with a
 checkpoint there; `anneal` starts from a stable checkpoint (`init_from`) and runs the decay, so
@@ -33,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainables import checkpoint as ckpt
+from trainables.mixture import Mixture, per_source, prepare_mixture, row_losses
 from trainables.model import MiniCPM, build_optimizer, set_lr
 from trainables.pretrain_config import PretrainConfig
 from trainables.schedules import ScheduleConfig, lr_at
@@ -53,6 +58,7 @@ class Runtime:
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP (ray.train.torch.prepare_model)
+    strategy: str = "ddp"  # "fsdp" with world_size > 1: shard instead of `wrap`
     report: Report | None = None  # (metrics, checkpoint folder or None), called on every rank
     resume_from: Path | None = None  # a checkpoint folder of this run: continue it exactly
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: no MFU reported
@@ -72,17 +78,25 @@ def pretrain_model_config(cfg: PretrainConfig) -> ModelConfig:
 
 
 def schedule_config(cfg: PretrainConfig) -> ScheduleConfig:
-    """WSD with D = total_steps - decay_start decay steps; constant when decay_fraction is 0."""
-    decay_steps = cfg.total_steps - cfg.decay_start
-    if decay_steps == 0:
-        return ScheduleConfig(kind="constant", warmup_steps=cfg.warmup_steps)
+    """WSD on the token clock (cfg.clock: the step itself when the batch never changes): the
+    warmup spans warmup_steps first batches, the decay the ticks from decay_start to the end;
+    constant when decay_fraction is 0. Evaluate it as lr_at(cfg.clock(s), cfg.clock(total))."""
+    warmup = cfg.warmup_steps * cfg.global_batch_tokens // cfg.clock_unit
+    decay_ticks = cfg.clock(cfg.total_steps) - cfg.clock(cfg.decay_start)
+    if decay_ticks == 0:
+        return ScheduleConfig(kind="constant", warmup_steps=warmup)
     return ScheduleConfig(
         kind="wsd",
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=warmup,
         min_lr_ratio=cfg.min_lr_ratio,
-        decay_steps=decay_steps,
+        decay_steps=decay_ticks,
         decay_shape=cfg.decay_shape,
     )
+
+
+def lr_of_step(cfg: PretrainConfig, schedule: ScheduleConfig, step: int) -> float:
+    """The lr of optimizer step `step` (anneals pass step + their offset)."""
+    return lr_at(cfg.clock(step), cfg.clock(cfg.total_steps), cfg.lr, schedule)
 
 
 def stage_end(cfg: PretrainConfig, stage: str, offset: int) -> int:
@@ -101,6 +115,13 @@ def anneal_offset(cfg: PretrainConfig, stable_step: int) -> int:
             f"init_from is at step {stable_step}: an anneal starts from a stable step in "
             f"{cfg.warmup_steps}..{cfg.decay_start} (warmup_steps..decay_start) of this spec"
         )
+    last_change = cfg.segments[-1].start_step
+    if stable_step < last_change:  # the decay runs at the last batch, step for step
+        raise ValueError(
+            f"init_from is at step {stable_step}, before the last batch_schedule change (step "
+            f"{last_change}): anneal from step {last_change} or later, or use a spec without "
+            "the later changes (checkpoints do not depend on the batch)"
+        )
     return cfg.decay_start - stable_step
 
 
@@ -116,14 +137,16 @@ def rank_rows(sequences_per_step: int, world_size: int, rank: int) -> slice:
 
 
 def micro_batches(
-    x: torch.Tensor, y: torch.Tensor, cfg: PretrainConfig, world_size: int, rank: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's micro-batches of the global batch x, y (N, T): accumulation_steps of them."""
-    rows = rank_rows(cfg.sequences_per_step, world_size, rank)
-    mine_x, mine_y = x[rows], y[rows]
-    mb = cfg.micro_batch_size
-    n = cfg.accumulation_steps(world_size)
-    return [(mine_x[m * mb : (m + 1) * mb], mine_y[m * mb : (m + 1) * mb]) for m in range(n)]
+    batch: tuple[torch.Tensor, ...], micro_batch_size: int, world_size: int, rank: int
+) -> list[tuple[torch.Tensor, ...]]:
+    """This rank's micro-batches of the global batch (tensors of N rows each, e.g. x, y)."""
+    rows = rank_rows(len(batch[0]), world_size, rank)
+    mine = [t[rows] for t in batch]
+    if len(mine[0]) % micro_batch_size:
+        raise ValueError(f"{len(mine[0])} rows per rank are not whole micro-batches of "
+                         f"{micro_batch_size}")
+    mb, n = micro_batch_size, len(mine[0]) // micro_batch_size
+    return [tuple(t[m * mb : (m + 1) * mb] for t in mine) for m in range(n)]
 
 
 def throughput(tokens: int, seconds: float, flops_per_tok: float, world_size: int, peak):
@@ -166,31 +189,51 @@ def train_pretrain(
     stage: str = "pretrain",
     init_from: str | Path | None = None,
     report_every: int = 10,
+    mixture: Mixture | None = None,
 ) -> dict:
-    """Run the stage to its end step; returns the last metrics. See the module docstring."""
+    """Run the stage to its end step; returns the last metrics. See the module docstring.
+
+    An anneal of a spec with anneal_mixture reads `mixture` (prepared here when None)."""
     rt = runtime or Runtime()
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: allowed {', '.join(STAGES)}")
     if stage == "anneal" and init_from is None and rt.resume_from is None:
         raise ValueError("stage='anneal' needs init_from: a stable checkpoint folder")
+    if stage == "anneal" and cfg.anneal_mixture and mixture is None:
+        mixture = prepare_mixture(cfg.anneal_mixture, cfg.data, store)
     model_cfg = pretrain_model_config(cfg)
+    sharded = rt.strategy == "fsdp" and rt.world_size > 1
     torch.manual_seed(cfg.seed)
-    model = MiniCPM(model_cfg).to(rt.device)
-    opt = build_optimizer(
+    # fsdp: the full model and any checkpoint are loaded on the host; shard() moves 1/W of them
+    model = MiniCPM(model_cfg).to(torch.device("cpu") if sharded else rt.device)
+    opt = _make_optimizer(cfg, model)
+    state = _start_state(cfg, stage, init_from, rt, model, opt)
+    if sharded:
+        from trainables import fsdp
+
+        model, opt = fsdp.shard(model, opt, rt.device, lambda m: _make_optimizer(cfg, m))
+    loop = _Loop(cfg, model_cfg, store, rt, model, opt, state, report_every)
+    loop.sharded, loop.mixture = sharded, mixture if state["stage"] == "anneal" else None
+    return loop.run()
+
+
+def _make_optimizer(cfg: PretrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the μP groups (trainables.model.param_groups)."""
+    return build_optimizer(
         model,
         cfg.lr,
         betas=cfg.optimizer.betas,
         eps=cfg.optimizer.eps,
         weight_decay=cfg.optimizer.weight_decay,
     )
-    state = _start_state(cfg, stage, init_from, rt, model, opt)
-    loop = _Loop(cfg, model_cfg, store, rt, model, opt, state, report_every)
-    return loop.run()
 
 
 def _start_state(cfg, stage, init_from, rt: Runtime, model, opt) -> dict:
     if rt.resume_from is not None:  # a restarted or rerun worker: continue exactly
-        state = ckpt.load_checkpoint(checkpoint_folder(rt.resume_from), model, opt)
+        # A damaged checkpoint is skipped, with a warning naming the file, for the newest valid
+        # one of the same run before it (`<run>/step_<n>`); never a newer one.
+        folder = ckpt.inner_checkpoint(ckpt.resume_point(rt.resume_from))
+        state = ckpt.load_checkpoint(folder, model, opt, verify=False)  # resume_point verified it
         ckpt.set_rng_state(state.pop("rng"))
         return state
     state = {"step": 0, "offset": 0, "stage": stage, "init_from": None}

@@ -13,6 +13,7 @@ trial runs the same in a test, a benchmark, or under Tune (`tune_trial`, the onl
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from trainables.shapes import ModelConfig, get_config
 from trainables.tokens import TokenStore
 from trainables.tracking import TrialTracker, WandbConfig
 from trainables.trainer import TrainConfig, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def tune_trial(config: dict) -> None:
     store = _token_store(cfg)
     context = tune.get_context()
     tracker = _tracker(cfg, config, context.get_trial_name())
-    resume_dir = ckpt.local_copy(tune.get_checkpoint(), "trial-resume-")
+    resume_dir = _resume_copy(tune.get_checkpoint())
     save_root = cfg.runtime.get("save_root")
     save_dir = Path(save_root) / context.get_trial_id() if save_root else None
 
@@ -95,7 +98,7 @@ def tune_trial(config: dict) -> None:
             cfg.train,
             store,
             report=report,
-            resume_from=resume_dir / "state" if resume_dir else None,
+            resume_from=ckpt.inner_checkpoint(resume_dir) if resume_dir else None,
             save_dir=save_dir,
         )
     except BaseException:
@@ -105,6 +108,16 @@ def tune_trial(config: dict) -> None:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
     tracker.finish()
+
+
+def _resume_copy(checkpoint) -> Path | None:
+    """A local copy of the newest valid checkpoint Tune kept for this trial (damaged ones are
+    skipped with a warning); None, after a warning naming each damaged file, to start over."""
+    try:
+        return ckpt.local_copy(checkpoint, "trial-resume-")
+    except ckpt.CheckpointError as e:
+        log.warning("starting the trial over from step 0: %s", e)
+        return None
 
 
 def _token_store(cfg: TrialConfig):
