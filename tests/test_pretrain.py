@@ -93,7 +93,11 @@ def run(cfg, store, tmp_path: Path, name: str, **kwargs) -> Recorder:
 def test_rank_slices_concatenate_to_the_global_batch(small_store, world_size):
     cfg = spec(small_store)
     x, y = sample_batch(small_store.train, cfg.sequences_per_step, SEQ_LEN, cfg.seed, 3)
-    parts = [mb for r in range(world_size) for mb in micro_batches(x, y, cfg, world_size, r)]
+    parts = [
+        mb
+        for r in range(world_size)
+        for mb in micro_batches((x, y), cfg.micro_batch_size, world_size, r)
+    ]
     assert len(parts) == world_size * cfg.accumulation_steps(world_size)
     assert all(len(px) == cfg.micro_batch_size for px, _ in parts)
     assert torch.equal(torch.cat([px for px, _ in parts]), x)

@@ -25,6 +25,7 @@ over the same D = total_steps - decay_start steps, shifted to start at s0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import tempfile
 import time
@@ -143,8 +144,9 @@ def micro_batches(
     rows = rank_rows(len(batch[0]), world_size, rank)
     mine = [t[rows] for t in batch]
     if len(mine[0]) % micro_batch_size:
-        raise ValueError(f"{len(mine[0])} rows per rank are not whole micro-batches of "
-                         f"{micro_batch_size}")
+        raise ValueError(
+            f"{len(mine[0])} rows per rank are not whole micro-batches of {micro_batch_size}"
+        )
     mb, n = micro_batch_size, len(mine[0]) // micro_batch_size
     return [tuple(t[m * mb : (m + 1) * mb] for t in mine) for m in range(n)]
 
@@ -212,8 +214,10 @@ def train_pretrain(
         from trainables import fsdp
 
         model, opt = fsdp.shard(model, opt, rt.device, lambda m: _make_optimizer(cfg, m))
-    loop = _Loop(cfg, model_cfg, store, rt, model, opt, state, report_every)
-    loop.sharded, loop.mixture = sharded, mixture if state["stage"] == "anneal" else None
+    mixture = mixture if state["stage"] == "anneal" else None
+    loop = _Loop(
+        cfg, model_cfg, store, rt, model, opt, state, report_every, sharded=sharded, mixture=mixture
+    )
     return loop.run()
 
 
@@ -253,14 +257,16 @@ def checkpoint_folder(path: str | Path) -> Path:
 class _Loop:
     """The step loop's state, split so each phase (step, report, checkpoint) stays short."""
 
-    def __init__(self, cfg, model_cfg, store, rt, model, opt, state, report_every):
+    def __init__(self, cfg, model_cfg, store, rt, model, opt, state, report_every, **options):
         self.cfg, self.store, self.rt, self.opt, self.state = cfg, store, rt, opt, state
-        self.model = model  # unwrapped: what is saved and evaluated
-        self.ddp = rt.wrap(model)
+        self.model_cfg = model_cfg
+        self.model = model  # unwrapped (or sharded in place): what is saved and evaluated
+        self.sharded: bool = options.get("sharded", False)
+        self.mixture: Mixture | None = options.get("mixture")
+        self.ddp = model if self.sharded else rt.wrap(model)
         self.amp = autocast_dtype(cfg.precision, rt.device)
         self.schedule = schedule_config(cfg)
         self.end = stage_end(cfg, state["stage"], state["offset"])
-        self.accum = cfg.accumulation_steps(rt.world_size)
         self.flops_per_token = flops_per_token(model_cfg, cfg.seq_len)
         self.report_every = report_every
         self.eval_cfg = TrainConfig(
@@ -269,8 +275,18 @@ class _Loop:
             tokens=cfg.global_batch_tokens,
             eval_tokens=cfg.eval_tokens,
         )
-        self.window_loss, self.window_steps, self.t0 = 0.0, 0, time.perf_counter()
+        if self.mixture is not None:
+            zeros = dict.fromkeys(self.mixture.names, 0)
+            self.state["mixture_tokens"] = self.state.get("mixture_tokens", zeros)
+        self.reset_window()
         self.last: dict = {}
+
+    def reset_window(self) -> None:
+        self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
+        n = len(self.mixture.names) if self.mixture is not None else 0
+        self.source_loss = torch.zeros(n, dtype=torch.float64)  # this rank's row-loss sums
+        self.source_rows = torch.zeros(n, dtype=torch.float64)
+        self.t0 = time.perf_counter()
 
     def run(self) -> dict:
         while self.state["step"] < self.end:
@@ -282,17 +298,29 @@ class _Loop:
                 self.emit(checkpoint=ckpt_due, val=done or step % self.cfg.eval_every == 0)
         return self.last
 
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """x, y (and each row's source index under a mixture): a function of (seed, step)."""
+        n, seq_len, seed = self.cfg.sequences_at(step), self.cfg.seq_len, self.cfg.seed
+        if self.mixture is None:
+            return sample_batch(self.store.train, n, seq_len, seed, step)
+        x, y, source = self.mixture.batch(n, seq_len, seed, step)
+        tokens = self.state["mixture_tokens"]
+        for name, count in zip(
+            self.mixture.names, torch.bincount(source, minlength=len(tokens)), strict=True
+        ):
+            tokens[name] += int(count) * seq_len
+        return x, y, source
+
     def step(self) -> None:
         step = self.state["step"]
-        lr = lr_at(step + self.state["offset"], self.cfg.total_steps, self.cfg.lr, self.schedule)
+        lr = lr_of_step(self.cfg, self.schedule, step + self.state["offset"])
         set_lr(self.opt, lr)
-        x, y = sample_batch(
-            self.store.train, self.cfg.sequences_per_step, self.cfg.seq_len, self.cfg.seed, step
-        )
         loss = torch.zeros((), device=self.rt.device)
-        parts = micro_batches(x, y, self.cfg, self.rt.world_size, self.rt.rank)
-        for m, (xm, ym) in enumerate(parts):
-            # gradients are all-reduced once per step, on the last micro-batch only
+        parts = micro_batches(
+            self.batch(step), self.cfg.micro_batch_size, self.rt.world_size, self.rt.rank
+        )
+        for m, part in enumerate(parts):
+            # gradients are reduced once per step, on the last micro-batch only
             last = m == len(parts) - 1
             with contextlib.nullcontext() if last else _no_sync(self.ddp):
                 with torch.autocast(
@@ -300,8 +328,8 @@ class _Loop:
                     dtype=self.amp or torch.float32,
                     enabled=self.amp is not None,
                 ):
-                    micro_loss = self.ddp(xm.to(self.rt.device), ym.to(self.rt.device))
-                micro_loss = micro_loss / self.accum  # the step's loss is the mean of its parts
+                    micro_loss = self.forward(part)
+                micro_loss = micro_loss / len(parts)  # the step's loss is the mean of its parts
                 micro_loss.backward()
             loss += micro_loss.detach()
         if self.cfg.optimizer.grad_clip > 0:
@@ -311,12 +339,23 @@ class _Loop:
         self.state["step"], self.state["lr"] = step + 1, lr
         self.window_loss += loss.item()  # this rank's mean; averaged over ranks in emit
         self.window_steps += 1
+        self.window_tokens += self.cfg.batch_tokens_at(step)
+
+    def forward(self, part: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The micro-batch's mean loss; under a mixture also each source's row losses."""
+        x, y = (t.to(self.rt.device) for t in part[:2])
+        if self.mixture is None:
+            return self.ddp(x, y)
+        rows = row_losses(self.ddp(x), y)  # (mb,)
+        source, n = part[2], len(self.mixture.names)
+        self.source_loss += per_source(rows.detach(), source, n).cpu()
+        self.source_rows += per_source(torch.ones_like(rows), source, n).cpu()
+        return rows.mean()
 
     def emit(self, checkpoint: bool, val: bool) -> None:
         metrics = self.metrics(time.perf_counter() - self.t0)
-        if val and self.rt.rank == 0:
-            loss, bpb = evaluate(self.model, self.store, self.eval_cfg, self.amp, self.rt.device)
-            metrics |= {"val_loss": loss, "val_bpb": bpb}
+        if val and (self.rt.rank == 0 or self.sharded):  # fsdp: every rank joins each forward
+            metrics |= self.validate()
         if self.rt.log is not None:
             self.rt.log(metrics)
         self.last = metrics
@@ -324,45 +363,108 @@ class _Loop:
             self.report_checkpoint(metrics)
         elif self.rt.report is not None:
             self.rt.report(metrics, None)
-        self.window_loss, self.window_steps, self.t0 = 0.0, 0, time.perf_counter()
+        self.reset_window()
+
+    def validate(self) -> dict:
+        """val_loss and val_bpb of the pretraining data and of each other mixture source."""
+        args = (self.eval_cfg, self.amp, self.rt.device)
+        loss, bpb = evaluate(self.model, self.store, *args)
+        out = {"val_loss": loss, "val_bpb": bpb}
+        if self.mixture is not None:
+            for name, store in zip(self.mixture.names, self.mixture.stores, strict=True):
+                if store is not self.store:
+                    loss, bpb = evaluate(self.model, store, *args)
+                    out |= {f"val_loss_{name}": loss, f"val_bpb_{name}": bpb}
+        return out
 
     def report_checkpoint(self, metrics: dict) -> None:
         """Rank 0 writes the checkpoint; every rank reports, as Ray Train requires."""
         if self.rt.report is None:
             return
+        full = None
+        if self.sharded:  # a collective: every rank sends its shards to rank 0
+            from trainables import fsdp
+
+            full = fsdp.gather_full_state(self.model, self.opt)
         if self.rt.rank != 0:
             self.rt.report(metrics, None)
             return
         d = Path(tempfile.mkdtemp(prefix="pretrain-ckpt-"))
         try:
             state = {**self.state, "rng": ckpt.rng_state()}
-            ckpt.save_checkpoint(d / "state", self.model, self.opt, state)
+            self.save(d / "state", state, full)
             self.rt.report(metrics, d)
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def save(self, folder: Path, state: dict, full: tuple[dict, dict] | None) -> None:
+        if full is None:
+            ckpt.save_checkpoint(folder, self.model, self.opt, state)
+            return
+        from trainables import fsdp
+
+        make_opt = functools.partial(_make_optimizer, self.cfg)
+        fsdp.save_full_checkpoint(folder, full, lambda: MiniCPM(self.model_cfg), make_opt, state)
+
     def metrics(self, seconds: float) -> dict:
         step = self.state["step"]
         loss = _mean_over_ranks(self.window_loss / max(self.window_steps, 1), self.rt.device)
-        window_tokens = self.window_steps * self.cfg.global_batch_tokens
-        return {
+        tokens = self.cfg.tokens_at(step)
+        out = {
             "step": step,
             "stage": self.state["stage"],
             "train_loss": loss,
             "lr": self.state.get("lr", 0.0),
-            "tokens": step * self.cfg.global_batch_tokens,
-            "flops": self.flops_per_token * step * self.cfg.global_batch_tokens,
+            "tokens": tokens,
+            "global_batch_tokens": self.cfg.batch_tokens_at(max(step - 1, 0)),
+            "flops": self.flops_per_token * tokens,
             **throughput(
-                window_tokens, seconds, self.flops_per_token, self.rt.world_size, self.rt.peak_flops
+                self.window_tokens,
+                seconds,
+                self.flops_per_token,
+                self.rt.world_size,
+                self.rt.peak_flops,
             ),
             "progress": step / self.end,
             "completed": step >= self.end,
         }
+        return out | self.source_metrics()
+
+    def source_metrics(self) -> dict:
+        """train_loss_<name> over the window's rows of each source, tokens_<name> in the stage."""
+        if self.mixture is None:
+            return {}
+        sums = _sum_over_ranks(torch.stack([self.source_loss, self.source_rows]), self.rt.device)
+        out = {}
+        for i, name in enumerate(self.mixture.names):
+            if sums[1, i] > 0:
+                out[f"train_loss_{name}"] = (sums[0, i] / sums[1, i]).item()
+            out[f"tokens_{name}"] = self.state["mixture_tokens"][name]
+        return out
 
 
 def _no_sync(model: nn.Module):
-    """DDP's no_sync; a plain module (one worker) has nothing to synchronise."""
+    """Accumulate without communicating: DDP's no_sync, FSDP2's gradient sync switched off."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: skip the reduce-scatter
+        return _fsdp_no_sync(model)
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
@@ -377,7 +479,8 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 def pretrain_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`: config = {cfg, store_root, stage, init_from, ...}."""
+    """Ray Train `train_loop_per_worker`: config = {cfg, store_root, mixture_roots, stage,
+    init_from, ...}."""
     import ray.train
     import ray.train.torch
 
@@ -404,12 +507,16 @@ def pretrain_worker(config: dict) -> None:
         rank=rank,
         device=device,
         wrap=ray.train.torch.prepare_model,
+        strategy=cfg.scaling.strategy,
         report=report,
         resume_from=resume,
         peak_flops=peak,
         log=tracker.log if tracker is not None else None,
     )
     store = _token_store(cfg, config.get("store_root"))
+    mixture = None
+    if config["stage"] == "anneal" and cfg.anneal_mixture:
+        mixture = prepare_mixture(cfg.anneal_mixture, cfg.data, store, config.get("mixture_roots"))
     try:
         train_pretrain(
             cfg,
@@ -418,6 +525,7 @@ def pretrain_worker(config: dict) -> None:
             stage=config["stage"],
             init_from=config.get("init_from"),
             report_every=config.get("report_every", 10),
+            mixture=mixture,
         )
     finally:
         if tracker is not None:
