@@ -175,9 +175,10 @@ def _save_root(spec: StudySpec, url: str) -> str | None:
     return str(storage.local_path(url) / "stable")
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> None:
+def init_ray(address: str | None, num_cpus: int | None, *, log_to_driver: bool = True) -> None:
     """A private local instance unless an address is given (`ray.init()` alone would join any
-    instance it finds on the machine)."""
+    instance it finds on the machine). log_to_driver=False keeps workers' logs in Ray's session
+    folder (/tmp/ray/session_latest/logs) instead of the terminal; errors still reach the driver."""
     import ray
 
     # Tune warns at every forced experiment snapshot; with many short trials that is each trial.
@@ -186,9 +187,14 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+        )
 
 
 def param_space(spec: StudySpec, runtime: dict) -> dict:
