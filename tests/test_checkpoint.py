@@ -2,6 +2,9 @@
 
 import json
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,3 +316,178 @@ def test_cuda_rng_and_weights_round_trip(tmp_path):
     other = TiedLM().cuda()
     load_checkpoint(tmp_path / "ck", other, map_location="cuda")
     assert_same_tensors(model.state_dict(), other.state_dict())
+
+
+# --- choosing the checkpoint to resume from ------------------------------------------------------
+
+
+def numbered_run(tmp_path, name: str, steps=(2, 4, 6)) -> dict[int, Path]:
+    """A run folder of reported checkpoints `<name>_<n>/state`, as Ray Train and Tune lay out."""
+    folders = {}
+    for i, step in enumerate(steps):
+        folder = tmp_path / "run" / f"{name}_{i if name == 'checkpoint' else step:06d}"
+        save_checkpoint(folder / "state", TiedLM(), None, {"step": step})
+        folders[step] = folder
+    return folders
+
+
+def test_newest_valid_skips_damaged_folders_in_the_order_given(tmp_path):
+    ck = numbered_run(tmp_path, "step")
+    (ck[6] / "state" / checkpoint.MANIFEST_FILE).unlink()
+    good, skipped = checkpoint.newest_valid([ck[6], ck[4], ck[2]])
+    assert good == ck[4]
+    assert [(f, "manifest.json: missing" in why) for f, why in skipped] == [(ck[6], True)]
+    assert checkpoint.newest_valid([ck[2], ck[6]]) == (ck[2], [])  # stops at the first good one
+    assert checkpoint.newest_valid([]) == (None, [])
+
+
+def test_older_checkpoints_are_same_prefix_lower_number_newest_first(tmp_path):
+    ck = numbered_run(tmp_path, "step", steps=(2, 4, 6, 10))
+    (tmp_path / "run" / "checkpoint_000001").mkdir()  # Tune's naming: another prefix
+    (tmp_path / "run" / "step_000003.tmp").mkdir()
+    assert checkpoint.older_checkpoints(ck[6]) == [ck[4], ck[2]]  # never step 10
+    assert checkpoint.older_checkpoints(ck[2]) == []
+    assert checkpoint.older_checkpoints(tmp_path / "run" / "final") == []
+    assert checkpoint.older_names("checkpoint_000010", ["checkpoint_000002", "step_1"]) == [
+        "checkpoint_000002"
+    ]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest"])
+def test_resume_point_falls_back_and_warns_naming_the_file(tmp_path, caplog, damage):
+    ck = numbered_run(tmp_path, "step")
+    state = ck[6] / "state"
+    target = {"flip": checkpoint.MODEL_FILE, "truncate": checkpoint.STATE_FILE}
+    if damage == "no-manifest":
+        (state / checkpoint.MANIFEST_FILE).unlink()
+    else:
+        path = state / target[damage]
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data[:-3] if damage == "truncate" else data))
+    with caplog.at_level("WARNING", logger="trainables.checkpoint"):
+        assert checkpoint.resume_point(ck[6]) == ck[4]
+    (record,) = caplog.records
+    named = state / target.get(damage, checkpoint.MANIFEST_FILE)
+    assert str(named) in record.getMessage() and str(ck[4]) in record.getMessage()
+    assert checkpoint.resume_point(ck[4]) == ck[4]
+
+
+def test_resume_point_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    ck = numbered_run(tmp_path, "step", steps=(2, 4))
+    for folder in ck.values():
+        (folder / "state" / checkpoint.MODEL_FILE).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint at or before .*step_000004"):
+        checkpoint.resume_point(ck[4])
+
+
+def test_local_copy_of_a_ray_checkpoint_falls_back_to_the_older_one_in_storage(tmp_path, caplog):
+    from ray.train import Checkpoint
+
+    ck = numbered_run(tmp_path, "checkpoint")  # Tune keeps checkpoint_000000, 000001, 000002
+    prefix = f"copy-{tmp_path.name}-"
+    assert checkpoint.local_copy(None) is None
+    (ck[6] / "state" / checkpoint.OPTIMIZER_FILE).write_bytes(b"not listed")  # harmless extra
+    good = checkpoint.local_copy(Checkpoint.from_directory(ck[6]), prefix)
+    assert checkpoint.load_checkpoint(good / "state", TiedLM())["step"] == 6
+    shutil.rmtree(good)
+
+    bad = ck[6] / "state" / checkpoint.MODEL_FILE
+    bad.write_bytes(bad.read_bytes()[:-1])
+    with caplog.at_level("WARNING", logger="trainables.checkpoint"):
+        good = checkpoint.local_copy(Checkpoint.from_directory(ck[6]), prefix)
+    assert checkpoint.load_checkpoint(good / "state", TiedLM())["step"] == 4
+    (record,) = caplog.records
+    assert f"{bad}: " in record.getMessage()  # the storage path, not the temporary copy's
+    shutil.rmtree(good)
+    for folder in ck.values():
+        (folder / "state" / checkpoint.MANIFEST_FILE).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        checkpoint.local_copy(Checkpoint.from_directory(ck[6]), prefix)
+    leftovers = list(Path(tempfile.gettempdir()).glob(f"{prefix}*"))
+    assert leftovers == [], "damaged copies are removed"
+
+
+class FakeTune:
+    """What tune_trial asks of Ray Tune, without Ray: the checkpoint to resume from, the trial's
+    names, and the reports, whose checkpoints are kept as Tune keeps them (checkpoint_<n>)."""
+
+    def __init__(self, trial_dir: Path, resume: Path | None):
+        self.trial_dir, self.resume, self.metrics = trial_dir, resume, []
+
+    def get_checkpoint(self):
+        from ray.train import Checkpoint
+
+        return Checkpoint.from_directory(self.resume) if self.resume else None
+
+    def get_context(self):
+        class Context:
+            def get_trial_name(self):
+                return "trial_0"
+
+            def get_trial_id(self):
+                return "trial_0"
+
+        return Context()
+
+    def report(self, metrics: dict, checkpoint=None) -> None:
+        if checkpoint is not None:
+            n = sum(1 for m in self.metrics if m["checkpointed"])
+            shutil.copytree(checkpoint.path, self.trial_dir / f"checkpoint_{n:06d}")
+        self.metrics.append(metrics | {"checkpointed": checkpoint is not None})
+
+    def curve(self) -> dict[int, tuple[float, float]]:
+        return {m["step"]: (m["train_loss"], m["val_loss"]) for m in self.metrics}
+
+
+def test_tune_trial_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(
+    small_store, tmp_path, monkeypatch, caplog
+):
+    """A trial restarted on a damaged checkpoint continues from the one before it, and its
+    curve from there equals the uninterrupted trial's."""
+    from ray import tune
+
+    from trainables.trial import tune_trial
+
+    config = {
+        "model": {"preset": "micro-32"},
+        "data": {"vocab_size": small_store.meta["vocab_size"]},
+        "train": {
+            "tokens": 16 * 4 * 32,
+            "batch_size": 4,
+            "seq_len": 32,
+            "eval_every": 4,
+            "eval_tokens": 256,
+            "precision": "fp32",
+            "threads": 1,
+        },
+        "runtime": {"token_store": small_store.root, "wandb_mode": "disabled"},
+    }
+
+    def trial(name: str, resume: Path | None) -> FakeTune:
+        (tmp_path / name).mkdir()
+        fake = FakeTune(tmp_path / name, resume)
+        for attr in ("get_checkpoint", "get_context", "report"):
+            monkeypatch.setattr(tune, attr, getattr(fake, attr))
+        tune_trial(config)
+        return fake
+
+    full = trial("full", None)
+    assert sorted(full.curve()) == [4, 8, 12, 16]
+    newest = tmp_path / "full" / "checkpoint_000002"  # step 12; checkpoint_000001 is step 8
+    bad = newest / "state" / checkpoint.OPTIMIZER_FILE
+    bad.write_bytes(bad.read_bytes()[:-5])
+    with caplog.at_level("WARNING", logger="trainables.checkpoint"):
+        resumed = trial("resumed", newest)
+    assert str(bad) in caplog.text
+    assert sorted(resumed.curve()) == [12, 16]  # from step 8: no step lost or repeated
+    for step, (train_loss, val_loss) in resumed.curve().items():
+        assert train_loss == pytest.approx(full.curve()[step][0], abs=1e-6), step
+        assert val_loss == pytest.approx(full.curve()[step][1], abs=1e-6), step
+
+    for folder in (tmp_path / "full").glob("checkpoint_*"):
+        (folder / "state" / checkpoint.MANIFEST_FILE).unlink()
+    with caplog.at_level("WARNING", logger="trainables.trial"):
+        again = trial("from-scratch", newest)
+    assert "starting the trial over from step 0" in caplog.text
+    assert again.curve() == full.curve()
