@@ -4,7 +4,8 @@ sandbox model minicpm-2.4b [--json]          # shape, parameter counts, FLOPs/to
 sandbox model --list                         # every preset
 sandbox run search_spaces/smoke.yaml         # run or resume a study on local Ray
 sandbox run FILE --address ray://head:10001 --storage s3://bucket/runs
-sandbox status [--storage URL]               # every study and its state
+sandbox status [--storage URL]               # every study and pipeline, and its state
+sandbox pipeline search_spaces/pipelines/micro.yaml   # studies -> pretrain -> SFT/DPO -> int4
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from sandbox_service.pipeline import pipeline_states
     from sandbox_service.status import study_states
 
     if args.jobs:
@@ -100,13 +102,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(format_jobs(list_jobs(args.address)))
         return 0
-    rows = study_states(args.storage)
-    if not rows:
-        print(f"no studies under {args.storage}")
+    rows, pipelines = study_states(args.storage), pipeline_states(args.storage)
+    if not rows and not pipelines:
+        print(f"no studies or pipelines under {args.storage}")
         return 0
-    print(f"{'study':24s} {'state':22s} {'trials':>6s}  best")
-    for row in rows:
-        print(f"{row['study']:24s} {row['state']:22s} {row['trials']:>6}  {row['best']}")
+    if rows:
+        print(f"{'study':24s} {'state':22s} {'trials':>6s}  best")
+        for row in rows:
+            print(f"{row['study']:24s} {row['state']:22s} {row['trials']:>6}  {row['best']}")
+    for p in pipelines:
+        print(f"\npipeline {p['pipeline']}")
+        for st in p["stages"]:
+            print(f"  {st['stage']:14s} {st['kind'] or '?':9s} {st['state']:12s} {st['output']}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from sandbox_service.pipeline import pipeline_url, run_pipeline
+    from sandbox_service.pipeline_spec import load_pipeline
+
+    spec = load_pipeline(args.file)  # every stage validated before anything starts
+    print(
+        f"pipeline {spec.name}: {len(spec.stages)} stages under {pipeline_url(spec, args.storage)}"
+    )
+    run_pipeline(
+        spec,
+        args.storage,
+        address=args.address,
+        wandb_mode=args.wandb_mode,
+        num_cpus=args.num_cpus,
+        verbose=args.verbose,
+    )
     return 0
 
 
@@ -179,6 +205,14 @@ def parser() -> argparse.ArgumentParser:
         help="override a spec key, e.g. --set data.sources=[corpus.txt] (repeatable)",
     )
     r.set_defaults(fn=cmd_run)
+    pl = sub.add_parser("pipeline", help="run or resume a pipeline of studies and stages")
+    pl.add_argument("file", help="a pipeline file, e.g. search_spaces/pipelines/micro.yaml")
+    _storage_arg(pl)
+    pl.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    pl.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default="offline")
+    pl.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    pl.add_argument("--verbose", action="store_true", help="stream Ray workers' logs")
+    pl.set_defaults(fn=cmd_pipeline)
     rep = sub.add_parser("report", help="Markdown + PNG report and analysis.json of a study")
     rep.add_argument("study", help="the study's name (its folder under the storage root)")
     _storage_arg(rep)
@@ -220,13 +254,14 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sandbox_service.pipeline_spec import PipelineError
     from sandbox_service.spec import SpecError
     from sandbox_service.study import StudyError
 
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SpecError, StudyError, ValueError) as e:
+    except (SpecError, StudyError, PipelineError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
