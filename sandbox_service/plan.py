@@ -132,7 +132,9 @@ def plan(cfg: PretrainConfig, mfu: float, peak_flops: float, gpu_memory: float) 
         "num_workers": workers,
         "accumulation_steps": cfg.accumulation_steps(),
         "tokens_per_step": cfg.global_batch_tokens,
+        "batch_schedule": batch_schedule(cfg),
         "steps": cfg.total_steps,
+        "decay_start": cfg.decay_start,
         "tokens": cfg.tokens,
         "flops_per_token": fpt,
         "total_flops": total_flops,
@@ -142,6 +144,19 @@ def plan(cfg: PretrainConfig, mfu: float, peak_flops: float, gpu_memory: float) 
         "gpu_hours": hours,
         "wall_clock_days": hours / workers / 24.0,
     }
+
+
+def batch_schedule(cfg: PretrainConfig) -> list[dict]:
+    """Each batch segment: from which step and token count, its batch and micro-batches."""
+    return [
+        {
+            "from_step": seg.start_step,
+            "from_tokens": seg.start_tokens,
+            "tokens_per_step": seg.global_batch_tokens,
+            "accumulation_steps": cfg.accumulation_steps(step=seg.start_step),
+        }
+        for seg in cfg.segments
+    ]
 
 
 def advice(strategy: str, fits: dict[str, bool]) -> str:
@@ -182,7 +197,13 @@ def format_plan(p: dict) -> str:
         f"activations), of {_gib(p['gpu_memory_bytes'])}",
         f"strategy {p['strategy']}: {p['advice']}",
         f"tokens per step {p['tokens_per_step']:,} ({p['accumulation_steps']} micro-batches per "
-        f"worker); steps {p['steps']:,}; tokens {p['tokens']:,}",
+        f"worker); steps {p['steps']:,}, decay from step {p['decay_start']:,}; tokens "
+        f"{p['tokens']:,}",
+        *(
+            f"  from step {b['from_step']:,} ({b['from_tokens']:,} tokens): "
+            f"{b['tokens_per_step']:,} tokens per step ({b['accumulation_steps']} micro-batches)"
+            for b in p["batch_schedule"][1:]
+        ),
         f"FLOPs: {p['flops_per_token']:.4g} per token × {p['tokens']:.4g} tokens = "
         f"{p['total_flops']:.4g}",
         f"GPU-hours: {p['total_flops']:.4g} / ({p['mfu']:g} MFU × {p['peak_flops'] / 1e12:g} "

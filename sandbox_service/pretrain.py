@@ -1,4 +1,4 @@
-"""Launch the pretrain or an anneal of a PretrainConfig on Ray Train (TorchTrainer, DDP).
+"""Launch the pretrain or an anneal of a PretrainConfig on Ray Train (TorchTrainer, DDP or FSDP2).
 
     sandbox pretrain SPEC                 ->  run_pretrain(SPEC, storage)
     sandbox anneal SPEC --from CKPT       ->  run_pretrain(SPEC, storage, stage="anneal",
@@ -9,11 +9,15 @@ own folder, tag defaulting to the stable checkpoint's name), with one checkpoint
 `checkpoint_every` steps named `step_<8 digits>`. Rerunning the same command resumes from the last
 checkpoint (Ray Train resumes a run with the same storage path and name); a worker failure
 restarts the workers from it, up to `max_failures` times. The worker loop is
-trainables.pretrain; this module only builds the Ray objects.
+trainables.pretrain; this module only builds the Ray objects and prepares the token stores (the
+spec's data and, for an anneal, each `anneal_mixture` source) once, before the workers start.
+`scaling.strategy: fsdp` shards the model over the workers (trainables.fsdp); its checkpoints are
+the same files as ddp's, so a run may switch strategy between stages or on resume.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import replace
@@ -26,7 +30,14 @@ from sandbox_service.study import init_ray
 from trainables import checkpoint as ckpt
 from trainables.data import prepare
 from trainables.dictconfig import from_dict
-from trainables.pretrain import STAGES, checkpoint_folder, pretrain_model_config, pretrain_worker
+from trainables.mixture import prepare_mixture
+from trainables.pretrain import (
+    STAGES,
+    anneal_offset,
+    checkpoint_folder,
+    pretrain_model_config,
+    pretrain_worker,
+)
 from trainables.pretrain_config import PretrainConfig
 
 CHECKPOINT_RE = re.compile(r"step_(\d{8})")
@@ -36,7 +47,9 @@ def load_spec(path: str | Path) -> PretrainConfig:
     """A PretrainConfig from a YAML file; errors name the file and the key. Local data paths
     become absolute here: Ray Train workers run in their own working directories."""
     cfg = from_dict(PretrainConfig, yaml_safe.load(path), str(path))
-    return replace(cfg, data=replace(cfg.data, sources=absolute_sources(cfg.data.sources)))
+    mixture = tuple(replace(m, sources=absolute_sources(m.sources)) for m in cfg.anneal_mixture)
+    data = replace(cfg.data, sources=absolute_sources(cfg.data.sources))
+    return replace(cfg, data=data, anneal_mixture=mixture)
 
 
 def run_name(cfg: PretrainConfig, stage: str, init_from: str | Path | None, tag: str | None) -> str:
@@ -79,15 +92,20 @@ def run_pretrain(
         init_from = str(Path(init_from).resolve())  # workers do not share our working directory
     _check_stage(cfg, stage, init_from)
     workers = num_workers or cfg.scaling.num_workers
-    cfg.accumulation_steps(workers)  # refuse an uneven split before any worker starts
+    cfg.check_split(workers)  # refuse an uneven split of any batch before any worker starts
     pretrain_model_config(cfg)
     name = run_name(cfg, stage, init_from, tag)
     root = _storage_path(storage)
     store = prepare(cfg.data)
+    mixture_roots = None
+    if stage == "anneal" and cfg.anneal_mixture:
+        mixture = prepare_mixture(cfg.anneal_mixture, cfg.data, store)
+        mixture_roots = {n: s.root for n, s in zip(mixture.names, mixture.stores, strict=True)}
     init_ray(address, None)
     config = {
         "cfg": cfg,
         "store_root": store.root,
+        "mixture_roots": mixture_roots,
         "stage": stage,
         "init_from": str(checkpoint_folder(init_from)) if init_from else None,
         "report_every": report_every,
@@ -115,15 +133,13 @@ def run_pretrain(
 def _check_stage(cfg: PretrainConfig, stage: str, init_from) -> None:
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: allowed {', '.join(STAGES)}")
-    if cfg.scaling.strategy != "ddp":
-        raise ValueError(
-            f"scaling.strategy={cfg.scaling.strategy!r}: this launcher runs ddp (the model is "
-            "replicated on every worker); use strategy: ddp"
-        )
     if (stage == "anneal") != (init_from is not None):
         raise ValueError("init_from (--from CKPT) is required for an anneal and only for one")
     if init_from is not None:
-        ckpt.verify_checkpoint(checkpoint_folder(init_from))
+        folder = checkpoint_folder(init_from)
+        ckpt.verify_checkpoint(folder)
+        stable_step = json.loads((folder / ckpt.STATE_FILE).read_text())["step"]
+        anneal_offset(cfg, stable_step)  # a step this spec cannot anneal from is refused here
 
 
 def _storage_path(url: str) -> str:

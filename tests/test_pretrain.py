@@ -1,11 +1,14 @@
-"""The pretrain loop: data slicing, accumulation, exact resume, anneal branching, Ray Train DDP.
+"""The pretrain loop: data slicing, accumulation, exact resume, anneal branching, a growing batch,
+the anneal's data mixture, Ray Train with DDP and FSDP2.
 
-Most tests run trainables.pretrain in one process without Ray; one Ray Train run (2 CPU workers,
-gloo, with an injected failure) checks DDP, checkpoints in storage and the restart path.
+Most tests run trainables.pretrain in one process without Ray; two Ray Train runs (2 CPU workers,
+gloo) check DDP, checkpoints in storage and the restart path (an injected failure), and an FSDP2
+anneal on a data mixture against the same anneal in one process.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,17 +16,19 @@ import pytest
 import torch
 
 from trainables.data import DataConfig
+from trainables.mixture import MixtureSource
 from trainables.pretrain import (
     Runtime,
     anneal_offset,
     checkpoint_folder,
+    lr_of_step,
     micro_batches,
     rank_rows,
     schedule_config,
     throughput,
     train_pretrain,
 )
-from trainables.pretrain_config import PretrainConfig
+from trainables.pretrain_config import BatchChange, PretrainConfig
 from trainables.schedules import lr_at
 from trainables.tokens import sample_batch
 
@@ -187,13 +192,20 @@ def test_spec_file_run_names_and_refusals(small_store, tmp_path):
     stable = tmp_path / "runs" / "micro-pretrain" / "step_00000009"
     assert run_name(cfg, "anneal", stable, None) == "micro-pretrain-anneal-step_00000009"
     assert run_name(cfg, "anneal", stable, "mix2") == "micro-pretrain-anneal-mix2"
-    fsdp = dataclasses.replace(cfg, scaling=ScalingConfig(strategy="fsdp"))
-    with pytest.raises(ValueError, match="strategy='fsdp'"):
-        run_pretrain(fsdp, str(tmp_path))
     with pytest.raises(ValueError, match="required for an anneal"):
         run_pretrain(cfg, str(tmp_path), stage="anneal")
     with pytest.raises(ValueError, match="not a multiple of 3 workers"):
         run_pretrain(cfg, str(tmp_path), num_workers=3)
+    # 8 then 12 sequences a step: the later batch does not split over 8 micro-batches of 1
+    grown = dataclasses.replace(
+        cfg, micro_batch_size=1, batch_schedule=(BatchChange(4 * 512, 12 * SEQ_LEN),)
+    )
+    with pytest.raises(ValueError, match=r"12 sequences \(step 4\) is not a multiple of 8"):
+        run_pretrain(
+            dataclasses.replace(grown, scaling=ScalingConfig(strategy="fsdp")),
+            str(tmp_path),
+            num_workers=8,
+        )
 
 
 # --- Ray Train: 2 CPU workers, DDP over gloo ----------------------------------------------------
@@ -228,3 +240,129 @@ def test_ray_train_two_workers_match_one_process_through_a_failure(
     window = [single.losses()[s] for s in range(5, 9)]
     assert result.metrics["train_loss"] == pytest.approx(sum(window) / 4, rel=1e-4)
     assert [s for s, _ in checkpoints(str(tmp_path / "runs"), cfg.name)] == [4, 8]
+
+
+# --- a growing batch (facts §3.6): accounting, lr on the token clock, exact resume ----------------
+
+
+def grown_spec(small_store, **overrides) -> PretrainConfig:
+    """8 sequences a step for 4 steps, then 16: 14 steps, 12,288 tokens, decay from step 11."""
+    fields = {
+        "tokens": 4 * 512 + 10 * 1024,
+        "batch_schedule": (BatchChange(at_tokens=4 * 512, global_batch_tokens=16 * SEQ_LEN),),
+        "checkpoint_every": 3,
+    }
+    return spec(small_store, **(fields | overrides))
+
+
+def test_batch_schedule_accounting_and_validation(small_store):
+    from sandbox_service.plan import plan
+
+    cfg = grown_spec(small_store)
+    assert [cfg.batch_tokens_at(s) for s in (0, 3, 4, 13)] == [512, 512, 1024, 1024]
+    assert cfg.total_steps == 14 and cfg.tokens_at(cfg.total_steps) == cfg.tokens  # the budget
+    assert cfg.decay_start == 14 - round(0.25 * 12_288 / 1024) == 11
+    assert [cfg.accumulation_steps(2, s) for s in (0, 4)] == [2, 4]
+    assert [cfg.clock(s) for s in (0, 4, 5, 14)] == [0, 4, 6, 24]  # ticks of gcd 512 tokens
+    sched = schedule_config(cfg)
+    lrs = [lr_of_step(cfg, sched, s) for s in range(14)]
+    assert lrs[:2] == [0.0, cfg.lr / 2] and set(lrs[2:11]) == {cfg.lr}  # warmup, then stable
+    assert lrs[10:] == sorted(lrs[10:], reverse=True) and lrs[13] < lrs[12] < cfg.lr
+    p = plan(cfg, 0.5, 1e15, 1 << 30)
+    assert (p["steps"], p["decay_start"]) == (14, 11)
+    assert [b["tokens_per_step"] for b in p["batch_schedule"]] == [512, 1024]
+    # without a schedule the token clock is the step itself
+    plain = spec(small_store, steps=16)
+    assert [plain.clock(s) for s in range(17)] == list(range(17))
+
+    bad = {
+        "at_tokens=2000: must land on a step boundary": BatchChange(2000, 1024),
+        "must exceed 512 .the batch grows.": BatchChange(2048, 256),
+        "multiple of seq_len x micro_batch_size x num_workers = 128": BatchChange(2048, 1088),
+        "at step 22 .at_tokens 11264., falls after decay_start=20": BatchChange(11_264, 1024),
+        "stay below tokens=12288": BatchChange(12_800, 1024),
+    }
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=message):
+            grown_spec(small_store, batch_schedule=(change,))
+
+
+def test_batch_increase_resumes_exactly_and_sees_the_budget(small_store, tmp_path):
+    torch.set_num_threads(1)
+    cfg = grown_spec(small_store)  # stable 0..11, checkpoints at 3, 6, 9 and 11
+    full = run(cfg, small_store, tmp_path, "full")
+    assert sorted(full.checkpoints) == [3, 6, 9, 11]
+    by_step = {m["step"]: m for m in full.metrics}
+    assert [by_step[s]["global_batch_tokens"] for s in (4, 5)] == [512, 1024]
+    assert by_step[11]["tokens"] == 4 * 512 + 7 * 1024
+
+    resumed = run(cfg, small_store, tmp_path, "resumed", resume_from=full.checkpoints[3])
+    assert sorted(resumed.losses()) == list(range(4, 12))  # across the change at step 4
+    for step, loss in resumed.losses().items():
+        assert loss == pytest.approx(full.losses()[step], abs=1e-6), step
+
+    anneal = run(
+        cfg, small_store, tmp_path, "anneal", stage="anneal", init_from=full.checkpoints[11]
+    )
+    assert [m["step"] for m in anneal.metrics] == [12, 13, 14]
+    assert anneal.metrics[-1]["tokens"] == cfg.tokens == 12_288
+    with pytest.raises(ValueError, match="before the last batch_schedule change"):
+        anneal_offset(cfg, 3)
+
+
+# --- the anneal's data mixture -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory) -> tuple[MixtureSource, ...]:
+    """pretrain 0.5, hq 0.3 (Chinese fortunes, or English prose), sft 0.2 (rendered SFT records)."""
+    from test_mixture import sft_records
+
+    folder = tmp_path_factory.mktemp("mixture")
+    sft = folder / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in sft_records(200)))
+    hq = SHARED_DATA / "zh_fortunes.txt"
+    if not hq.exists():
+        hq = folder / "hq.txt"
+        hq.write_text("\n\n".join(f"Paragraph {i} of a plain English text." for i in range(400)))
+    return (
+        MixtureSource("pretrain", 0.5),
+        MixtureSource("hq", 0.3, (str(hq),), max_chars=100_000),
+        MixtureSource("sft", 0.2, (str(sft),), format="sft", val_fraction=0.1),
+    )
+
+
+@pytest.fixture(scope="module")
+def stable_12(small_store, tmp_path_factory) -> Path:
+    """The stable checkpoint at step 12 of spec(steps=16): what the mixture anneals start from."""
+    torch.set_num_threads(1)
+    cfg = spec(small_store, steps=16, checkpoint_every=100)
+    return run(cfg, small_store, tmp_path_factory.mktemp("stable"), "stable").checkpoints[12]
+
+
+def test_anneal_on_a_mixture_reports_each_source_and_resumes_exactly(
+    small_store, mixture, stable_12, tmp_path
+):
+    torch.set_num_threads(1)
+    cfg = spec(small_store, steps=16, checkpoint_every=2, anneal_mixture=mixture)
+    anneal = run(cfg, small_store, tmp_path, "anneal", stage="anneal", init_from=stable_12)
+    assert [m["step"] for m in anneal.metrics] == [13, 14, 15, 16]
+    last = anneal.metrics[-1]
+    tokens = {name: last[f"tokens_{name}"] for name in ("pretrain", "hq", "sft")}
+    assert sum(tokens.values()) == 4 * cfg.global_batch_tokens
+    # quotas of 8 rows: 4, 2.4 and 1.6; each step takes the floor or the ceiling of each
+    assert tokens["pretrain"] == 4 * 4 * SEQ_LEN
+    assert 4 * 2 * SEQ_LEN <= tokens["hq"] <= 4 * 3 * SEQ_LEN
+    for m in anneal.metrics:
+        present = [
+            m[f"train_loss_{n}"] for n in ("pretrain", "hq", "sft") if f"train_loss_{n}" in m
+        ]
+        assert min(present) <= m["train_loss"] <= max(present)  # a weighted mean of them
+    assert {"val_loss", "val_loss_hq", "val_loss_sft"} <= set(last)
+
+    resumed = run(cfg, small_store, tmp_path, "resumed", resume_from=anneal.checkpoints[14])
+    assert [m["step"] for m in resumed.metrics] == [15, 16]
+    for again, first in zip(resumed.metrics, anneal.metrics[2:], strict=True):
+        for key in ("train_loss", "train_loss_pretrain", "train_loss_hq", "tokens_sft"):
+            if key in first:
+                assert again[key] == pytest.approx(first[key], abs=1e-6), (first["step"], key)

@@ -7,10 +7,14 @@ A PretrainConfig names the sources in `anneal_mixture`:
     anneal_mixture:
       - {name: pretrain, weight: 0.7}                 # the pretraining corpus: the spec's data
       - {name: hq, weight: 0.2, sources: ["s3://bucket/hq/*.jsonl.gz"]}
-      - {name: sft, weight: 0.1, sources: [sft-rendered.jsonl], text_field: text}
+      - {name: sft, weight: 0.1, sources: [sft.jsonl], format: sft}
 
+A source reads text, JSON Lines or Parquet like DataConfig, or with `format: sft` JSON Lines of
+SFT records (any form trainables.chat.to_messages accepts), each conversation rendered as one
+document by MiniCPM's chat template (trainables.chat.render_chat: "<用户>{user}<AI>{answer}...").
 Every source is tokenised with the pretraining tokenizer into its own token store (built once and
-cached like the spec's data). Optimizer step s of a global batch of N rows:
+cached like the spec's data); that tokenizer has no `<用户>`/`<AI>` pieces, so the markers are
+spelled with ordinary pieces. Optimizer step s of a global batch of N rows:
 1. rows per source by systematic sampling (Madow 1949): with u ~ U[0, 1) drawn from (seed, s)
    and C_i = N·(w_1 + ... + w_i) for the normalised weights, source i gets
    ceil(C_i − u) − ceil(C_{i−1} − u) rows: floor or ceil of N·w_i, exactly N·w_i on average;
@@ -25,24 +29,32 @@ Rows come in mixture order (source 1's first); the step's loss is their mean, wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables.corpus import FORMATS
-from trainables.data import DataConfig, prepare
+from trainables.chat import ChatFormatError, render_chat, to_messages
+from trainables.corpus import FORMATS, CorpusError, source_fingerprint
+from trainables.data import DataConfig, default_cache_dir, prepare
+from trainables.tokenizer import atomic_write, file_lock
 from trainables.tokens import TokenStore
 
 PRETRAIN = "pretrain"  # the name that means the spec's own data (its token store)
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")  # names metrics (train_loss_<name>) and logs
 _MIX_STREAM = 0x6D6978  # "mix": keeps these draws apart from sample_batch's (seed, step) stream
+SFT = "sft"  # format: JSON Lines of SFT records, rendered by the chat template
+MIXTURE_FORMATS = (*FORMATS, SFT)
+RENDER_VERSION = 1  # part of the rendered file's cache key: bump when the rendering changes
 
 
 @dataclass(frozen=True)
@@ -78,17 +90,23 @@ class MixtureSource:
                 f"anneal_mixture[{self.name}].sources: a non-empty list of paths/URLs is "
                 f"required (only `{PRETRAIN}` may omit it)"
             )
-        if self.format not in FORMATS:
+        if self.format not in MIXTURE_FORMATS:
             raise ValueError(
-                f"anneal_mixture[{self.name}].format={self.format!r}: one of {FORMATS}"
+                f"anneal_mixture[{self.name}].format={self.format!r}: one of {MIXTURE_FORMATS}"
             )
 
-    def data_config(self, pretrain: DataConfig, tokenizer: str, vocab_size: int) -> DataConfig:
-        """This source as a DataConfig tokenised with the pretraining tokenizer."""
+    def data_config(
+        self, pretrain: DataConfig, tokenizer: str, vocab_size: int, cache_dir: Path
+    ) -> DataConfig:
+        """This source as a DataConfig tokenised with the pretraining tokenizer; SFT records are
+        first rendered to a JSON Lines file of {"text": conversation} in the cache."""
+        sources, fmt, field = self.sources, self.format, self.text_field
+        if fmt == SFT:
+            sources, fmt, field = (str(render_sft(self.sources, cache_dir)),), "jsonl", "text"
         return DataConfig(
-            sources=self.sources,
-            format=self.format,
-            text_field=self.text_field,
+            sources=sources,
+            format=fmt,
+            text_field=field,
             vocab_size=vocab_size,
             val_fraction=self.val_fraction,
             tokenizer=tokenizer,
@@ -185,6 +203,7 @@ def prepare_mixture(
     any other source is prepared here, which finds the same cached store or builds it.
     """
     tokenizer = data.tokenizer or store.meta["tokenizer"]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stores = []
     for entry in entries:
         if entry.name == PRETRAIN:
@@ -194,7 +213,8 @@ def prepare_mixture(
         if root and (Path(root) / "meta.json").exists():
             found = TokenStore.open(root)
         else:
-            found = prepare(entry.data_config(data, tokenizer, store.meta["vocab_size"]), cache_dir)
+            vocab = store.meta["vocab_size"]
+            found = prepare(entry.data_config(data, tokenizer, vocab, cache), cache)
         _check_tokenizer(entry.name, found, store)
         stores.append(found)
     names = tuple(e.name for e in entries)
@@ -208,3 +228,45 @@ def _check_tokenizer(name: str, found: TokenStore, store: TokenStore) -> None:
             f"{found.meta['tokenizer']}, not the pretraining one {store.meta['tokenizer']}; "
             "delete that store and prepare again"
         )
+
+
+# --- SFT records as documents ---------------------------------------------------------------------
+
+
+def render_sft(sources: Sequence[str], cache_dir: Path) -> Path:
+    """<cache>/mixture-sft/<key>/rendered.jsonl: one {"text": render_chat(messages)} per record,
+    key = the sources' fingerprint (names, sizes, times) and RENDER_VERSION; built once."""
+    key = hashlib.sha256(f"{source_fingerprint(sources)} {RENDER_VERSION}".encode()).hexdigest()
+    path = cache_dir / "mixture-sft" / key[:32] / "rendered.jsonl"
+    with file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            lines = [
+                json.dumps({"text": render_chat(m)}, ensure_ascii=False)
+                for m in sft_messages(sources)
+            ]
+            atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def sft_messages(sources: Sequence[str]) -> Iterator[list[dict]]:
+    """The conversations of JSON Lines SFT files (paths, URLs, globs), in order."""
+    for source in sources:
+        files = fsspec.open_files(source, mode="rt", compression="infer", encoding="utf-8")
+        if not files:
+            raise CorpusError(f"{source}: no file matches")
+        for of in files:
+            with of as lines:
+                for number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        yield _conversation(line, f"{of.full_name}, line {number}")
+
+
+def _conversation(line: str, where: str) -> list[dict]:
+    try:
+        return to_messages(json.loads(line))
+    except json.JSONDecodeError as err:
+        raise CorpusError(
+            f"{where}: bad JSON ({err.msg}); expected one SFT record per line"
+        ) from err
+    except ChatFormatError as err:
+        raise CorpusError(f"{where}: {err}") from err

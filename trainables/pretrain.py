@@ -201,8 +201,6 @@ def train_pretrain(
         raise ValueError(f"stage={stage!r}: allowed {', '.join(STAGES)}")
     if stage == "anneal" and init_from is None and rt.resume_from is None:
         raise ValueError("stage='anneal' needs init_from: a stable checkpoint folder")
-    if stage == "anneal" and cfg.anneal_mixture and mixture is None:
-        mixture = prepare_mixture(cfg.anneal_mixture, cfg.data, store)
     model_cfg = pretrain_model_config(cfg)
     sharded = rt.strategy == "fsdp" and rt.world_size > 1
     torch.manual_seed(cfg.seed)
@@ -214,7 +212,10 @@ def train_pretrain(
         from trainables import fsdp
 
         model, opt = fsdp.shard(model, opt, rt.device, lambda m: _make_optimizer(cfg, m))
-    mixture = mixture if state["stage"] == "anneal" else None
+    if state["stage"] != "anneal" or not cfg.anneal_mixture:  # a resume knows its own stage
+        mixture = None
+    elif mixture is None:
+        mixture = prepare_mixture(cfg.anneal_mixture, cfg.data, store)
     loop = _Loop(
         cfg, model_cfg, store, rt, model, opt, state, report_every, sharded=sharded, mixture=mixture
     )
