@@ -371,12 +371,16 @@ def _arc_original(r: dict, where: str) -> MCItem:
 def _generation(r: dict, where: str) -> GenItem:
     prompt_field = "prompt" if "prompt" in r else "question"
     ref_field = "answer" if "answer" in r else "reference"
-    ref = r.get(ref_field)
+    if ref_field not in r:
+        raise TaskError(
+            f"{where}: field 'answer' is missing (a generation item needs 'answer' or "
+            f"'reference'; fields: {', '.join(sorted(r))})"
+        )
+    ref = r[ref_field]
     if isinstance(ref, (int, float)) and not isinstance(ref, bool):
         ref = str(ref)  # numeric answers as JSON numbers
     if not isinstance(ref, str) or not ref.strip():
         raise TaskError(
-            f"{where}: field {ref_field!r}={ref!r} must be a non-empty string or number "
-            "(a generation item needs 'answer' or 'reference')"
+            f"{where}: field {ref_field!r}={ref!r} must be a non-empty string or number"
         )
     return GenItem(_text(r, prompt_field, where), ref)
