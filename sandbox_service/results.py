@@ -126,8 +126,11 @@ def _plain(value):
 
 
 def write(grids, spec: StudySpec, url: str, wall_time_s: float) -> dict:
+    """Write the tables, then summary.json last: a study has a summary only when its tables are
+    whole. A write that fails (StorageError) leaves no summary, not even a previous run's."""
     trials, history = tables(grids, spec)
     summary = summarize(trials, spec, wall_time_s)
+    storage.remove(storage.join(url, "summary.json"))
     storage.write_text(storage.join(url, "trials.csv"), trials.to_csv(index=False))
     storage.write_text(storage.join(url, "history.csv"), history.to_csv(index=False))
     storage.write_text(storage.join(url, "summary.json"), json.dumps(summary, indent=2) + "\n")

@@ -41,8 +41,12 @@ def run_study(
 ) -> dict:
     """Run (or resume) the study; returns its summary, also written to `summary.json`."""
     url = study_url(spec, root)
-    claim(spec, url)
-    store_root = prepare_data(spec)
+    try:  # storage that refuses writes fails here, before Ray starts
+        storage.check_writable(url)
+        claim(spec, url)
+        store_root = prepare_data(spec)
+    except storage.StorageError as e:
+        raise StudyError(f"study {spec.name} cannot start: {e}") from e
     runtime = _runtime(spec, url, wandb_mode) | {"token_store": store_root}
     init_ray(address, num_cpus)
     started = time.time()
@@ -54,7 +58,14 @@ def run_study(
             grids.append(fit_phase(spec, url, decay, verbose))
     finally:
         status.clear_running(url)
-    summary = results.write(grids, spec, url, wall_time_s=time.time() - started)
+    try:
+        summary = results.write(grids, spec, url, wall_time_s=time.time() - started)
+    except storage.StorageError as e:
+        raise StudyError(
+            f"study {spec.name}: its trials finished but the results could not be written: "
+            f"{e}. Rerun `sandbox run {spec.source}` once storage has room: finished trials "
+            "are kept and only the tables are written again"
+        ) from e
     summary["token_store"] = store_root
     return summary
 

@@ -123,7 +123,7 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
 def _write_files(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict
 ) -> None:
-    save_model(model, str(folder / MODEL_FILE))
+    _save_weights(model, folder / MODEL_FILE)
     if optimizer is not None:
         with open(folder / OPTIMIZER_FILE, "wb") as f:
             torch.save(optimizer.state_dict(), f)
@@ -133,6 +133,17 @@ def _write_files(
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _seal(folder / MANIFEST_FILE)
     _fsync_dir(folder)
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors' writer, whose I/O errors (a full disk: "os error 28") become OSErrors."""
+    try:
+        save_model(model, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def _seal(path: Path) -> dict[str, Any]:

@@ -32,18 +32,24 @@ class StorageError(OSError):
         return str(self.strerror)
 
 
-def storage_error(error: OSError, path: str | Path, needed_bytes: int | None = None) -> OSError:
+def storage_error(
+    error: OSError, path: str | Path, needed_bytes: int | None = None, *, at_least: bool = False
+) -> OSError:
     """`error`, raised while writing `path`, as a StorageError saying what to do; other errors
-    (and errors already restated) come back unchanged."""
+    (and errors already restated) come back unchanged. `needed_bytes` is the output's size, or
+    with at_least=True what was written before the failure (a lower bound)."""
     if isinstance(error, StorageError) or error.errno not in NO_SPACE + NOT_WRITABLE:
         return error
     if error.errno in NO_SPACE:
         free = free_bytes(path)
-        need = f"needs about {needed_bytes:,} bytes" if needed_bytes is not None else "size unknown"
+        if needed_bytes is None:
+            need = "size unknown"
+        else:
+            need = f"needs {'more than' if at_least else 'about'} {needed_bytes:,} bytes"
         have = f"{free:,} bytes free there" if free is not None else "free space unknown"
         message = (
-            f"{path}: {os.strerror(error.errno).lower()} ({need}, {have}); nothing was "
-            "published: free some space or choose another storage root, then rerun"
+            f"{path}: {os.strerror(error.errno).lower()} ({need}, {have}); it was not "
+            "written: free some space or choose another storage root, then rerun"
         )
     else:
         message = (

@@ -4,7 +4,8 @@ A store is a folder with
 - `train.bin`, `val.bin`: token ids, documents concatenated with eos after each one; uint16 when
   every id fits (vocab_size <= 65536), uint32 otherwise;
 - `meta.json`: counts, UTF-8 byte counts of the text, vocab size, tokenizer path and hashes;
-  written last, so a store with `meta.json` is complete.
+  written last, so a store with `meta.json` is complete. The store is built in a temporary
+  folder renamed into place, so a full disk leaves no store at all (and a StorageError).
 
 `TokenStore.open` maps the files with mode "r": N trial processes on a machine share one copy in
 the page cache and nothing is read or copied per trial. Batches are drawn by pure functions of
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from trainables.corpus import update_digest
+from trainables.storage_errors import storage_error
 from trainables.tokenizer import Tokenizer
 
 STORE_VERSION = 1
@@ -80,9 +82,12 @@ def build_token_store(
 ) -> TokenStore:
     """Tokenize both splits into a temporary folder beside `root`, then rename it into place."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    except OSError as e:
+        raise storage_error(e, root) from e
     try:
         meta = {
             "version": STORE_VERSION,
@@ -96,6 +101,10 @@ def build_token_store(
             meta |= _write_split(docs, tokenizer, tmp / f"{split}.bin", dtype, split)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(tmp, root)
+    except OSError as e:  # a full disk: the partial files go with tmp, so no store is published
+        written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)  # first, so the message counts the space it frees
+        raise storage_error(e, root, written, at_least=True) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenStore.open(root)
