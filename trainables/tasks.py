@@ -44,6 +44,7 @@ TASK_OPTIONS = ("dev", "name", "checker")
 MC_MAX_NEW_TOKENS = 4  # " B\n" and a little slack
 COT_MAX_NEW_TOKENS = 256  # GSM8K-style worked answers
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".parquet")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
@@ -183,7 +184,8 @@ def default_name(source: str) -> str:
     name = PurePosixPath(source.split("://")[-1]).name
     while name.endswith(_COMPRESSION):
         name = name.rsplit(".", 1)[0]
-    return name.removesuffix(".jsonl").removesuffix(".json")
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and stem and f".{suffix}" in _DATA_SUFFIXES else name
 
 
 def read_records(source: str) -> list[tuple[str, dict]]:
