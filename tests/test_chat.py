@@ -85,6 +85,17 @@ def test_labels_are_exactly_the_responses_and_their_eos(tok):
     assert n_masked == len(ids) - len(expected)
 
 
+def test_only_last_trains_on_the_final_response_alone(tok):
+    ids, labels = encode_chat(tok, CONVERSATION)
+    same_ids, last = encode_chat(tok, CONVERSATION, only_last=True)
+    n_prompt = len(prompt_ids(tok, CONVERSATION[:4]))
+    assert same_ids == ids
+    assert last == [IGNORE] * n_prompt + labels[n_prompt:]
+    assert [i for i in last if i != IGNORE] == tok.encode([CONVERSATION[4]["content"]])[0] + [
+        tok.eos_id
+    ]
+
+
 def test_prompt_ends_with_the_ai_marker_and_prefixes_the_conversation(tok):
     prompt = prompt_ids(tok, CONVERSATION[:4])
     ids, labels = encode_chat(tok, CONVERSATION)

@@ -12,8 +12,9 @@ them, so `parse_chat(tok.decode(ids))` gives the messages back. <s> and </s> are
 are inserted as ids, never parsed from text. Contents are kept exactly as given (not stripped).
 
 `encode_chat` returns `labels` aligned with `ids` (labels[i] is the target of ids[i], -100 where
-no loss is taken): only assistant contents and their eos are trained on (MiniCPM §6 / facts §4:
-"loss only on responses"). A causal LM trains on inputs ids[:-1] with targets labels[1:].
+no loss is taken): only assistant contents and their eos are trained on (MiniCPM, facts §4:
+"loss only on responses"); with `only_last=True` only the final response is (DPO scores the
+final response alone). A causal LM trains on inputs ids[:-1] with targets labels[1:].
 
     tok = add_chat_tokens(loaded.tokenizer); model = resize_embeddings(model, tok.vocab_size)
     ids, labels = encode_chat(tok, [{"role": "user", "content": "Hi"},
@@ -141,11 +142,17 @@ def _check_message(i: int, m: object) -> None:
 # --- encoding ---------------------------------------------------------------------------------
 
 
-def encode_chat(tok: Tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tok: Tokenizer, messages: Sequence[dict], *, only_last: bool = False
+) -> tuple[list[int], list[int]]:
     """(ids, labels) of a conversation ending with an assistant turn; labels are -100 except on
-    assistant contents and the eos after each of them."""
+    assistant contents and the eos after each of them (the last one only, if `only_last`)."""
     check_messages(messages, ends_with="assistant")
-    return _encode(tok, messages)
+    ids, labels = _encode(tok, messages)
+    if only_last:
+        n_prompt = len(_encode(tok, messages[:-1])[0])  # the same ids up to the final <AI>
+        labels = [IGNORE] * n_prompt + labels[n_prompt:]
+    return ids, labels
 
 
 def prompt_ids(tok: Tokenizer, messages: Sequence[dict]) -> list[int]:
@@ -183,7 +190,10 @@ def render_chat(messages: Sequence[dict]) -> str:
 
 
 def parse_chat(text: str) -> list[dict]:
-    """The messages of a rendered conversation (the inverse of `render_chat`)."""
+    """The messages of a rendered conversation (the inverse of `render_chat`).
+
+    An empty final assistant turn reads back as a prompt: the text ends with `<AI>` either way.
+    """
     head, *turns = text.split(USER)
     messages = [{"role": "system", "content": head}] if head else []
     for i, turn in enumerate(turns):
