@@ -21,12 +21,15 @@ raises `SpecError` naming the file, the key path and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +39,7 @@ from sandbox_service import yaml_safe
 from sandbox_service.branching import BranchingSpec, decay_steps
 from trainables.data import DataConfig
 from trainables.dictconfig import ConfigError, from_dict, to_dict
+from trainables.shapes import ModelConfig
 from trainables.tracking import WandbConfig
 from trainables.trainer import TrainConfig
 from trainables.trial import parse_trial_config
@@ -320,6 +324,8 @@ def _check_trials(spec: StudySpec) -> None:
     """Every searched value must make a valid trial: check each one against the base config."""
     parse_trial_config(spec.base_config())
     for dist in spec.space:
+        _check_integer_range(dist)
+    for dist in spec.space:
         for value in dist.samples():
             try:
                 parse_trial_config(set_path(spec.base_config(), dist.path, value))
@@ -327,6 +333,43 @@ def _check_trials(spec: StudySpec) -> None:
                 raise ConfigError(
                     f"search.space.{dist.path}: value {value!r} is invalid: {e}"
                 ) from None
+
+
+FLOAT_KINDS = ("uniform", "loguniform", "quniform", "qloguniform")  # Tune samples floats
+TRIAL_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def _check_integer_range(dist: Distribution) -> None:
+    """A float range on an integer key would hand trials values like 37.4 (refused only when a
+    trial starts) or 64.0; refuse it here and point to randint or choice."""
+    if dist.kind in FLOAT_KINDS and _is_integer(field_type(dist.path)):
+        raise ConfigError(
+            f"search.space.{dist.path}.{dist.kind}: {dist.path} is an integer but {dist.kind} "
+            "samples floats; use {randint: [low, high]} (both ends included) or "
+            "{choice: [...]}"
+        )
+
+
+def field_type(path: str) -> Any:
+    """The declared type of a dotted trial-config key (`train.schedule.warmup_steps` -> int);
+    None when the path names no dataclass field (e.g. model.preset)."""
+    section, *keys = path.split(".")
+    owner, hint = TRIAL_SECTIONS.get(section), None
+    for key in keys:
+        hints = typing.get_type_hints(owner) if dataclasses.is_dataclass(owner) else {}
+        if key not in hints:
+            return None
+        hint = hints[key]
+        owner = hint
+    return hint
+
+
+def _is_integer(hint: Any) -> bool:
+    """int, or an optional int (`int | None`); not a float, a bool or a tuple of ints."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        return int in args and float not in args
+    return hint is int
 
 
 FIXED_IN_BRANCHING = ("train.batch_size", "train.seq_len", "train.tokens", "train.schedule")

@@ -264,6 +264,10 @@ HUGE = [
     ("model.dim_model_base", 10**9),
     ("model.scale_emb", int("9" * 400)),
     ("data.vocab_size", 10**12),
+    ("data.vocab_size", (1 << 24) + 1),
+    ("train.schedule.warmup_steps", 10**16),
+    ("train.schedule.decay_steps", 10**16),
+    ("train.schedule.half_life_steps", 1e16),
     ("resources.cpu", 1e9),
     ("resources.gpu", 10**6),
     ("search.num_samples", 10**9),
@@ -283,6 +287,11 @@ case(
     "model.vocab_size=1e12",
     mutate(("model.vocab_size", 10**12), ("data.vocab_size", 10**12)),
     "vocab_size",
+)
+case(
+    "train.schedule.cosine_steps=1e16",
+    mutate(("train.schedule", {"kind": "cosine", "cosine_steps": 10**16})),
+    "cosine_steps",
 )
 case("branching.steps=[1e14]", mutate(("branching", {"steps": [10**14]})), "branching.steps")
 case(
@@ -450,6 +459,17 @@ SEARCH_KEYS = {  # searched key -> fragment of the error
 }
 for key, fragment in SEARCH_KEYS.items():
     SPACES[f"key-{key}"] = ({"space": {key: {"grid": [1, 2]}}}, fragment)
+# Integer keys take randint or choice: a float range would hand trials values like 37.4.
+for ident, (key, kind, args) in {
+    "uniform": ("model.d_model", "uniform", [32, 128]),
+    "loguniform": ("train.batch_size", "loguniform", [2, 8]),
+    "quniform": ("train.schedule.warmup_steps", "quniform", [0, 10, 2]),
+    "qloguniform": ("train.eval_every_tokens", "qloguniform", [64, 4096, 64]),
+}.items():
+    SPACES[f"float-range-on-int-{ident}"] = (
+        {"algorithm": "random", "space": {key: {kind: args}}},
+        f"{key} is an integer but {kind} samples floats; use {{randint",
+    )
 SPACES["key-not-a-string"] = ({"space": {1: {"grid": [1]}}}, "search.space.1")
 SPACES["preset-missing"] = ({"space": {"model.preset": {"grid": ["micro-64", "gpt-9"]}}}, "gpt-9")
 SPACES["value-invalid"] = ({"space": {"train.batch_size": {"grid": [8, -1]}}}, "value -1")
@@ -584,6 +604,22 @@ def test_the_base_spec_and_its_sections_are_valid(tmp_path):
         "tokens_per_param": mutate(("train.tokens", DROP), ("train.tokens_per_param", 10)),
         "bounds": mutate(("train.tokens", 10**15), ("train.batch_size", 10**7), ("train.seed", 0)),
         "zero-ok": mutate(*((p, 0) for p, ok in NUMERIC.items() if ok)),
+        "int-and-float-ranges": mutate(
+            ("search.algorithm", "random"),
+            ("search.scheduler", DROP),
+            (
+                "search.space",
+                {
+                    "train.schedule.warmup_steps": {"randint": [0, 4]},
+                    "model.n_layers": {"choice": [2, 3]},
+                    "train.lr": {"loguniform": [0.001, 0.1]},
+                    "model.scale_emb": {"uniform": [4.0, 12.0]},
+                },
+            ),
+        ),
+        "step-bounds": mutate(
+            ("train.schedule", {"kind": "cosine", "warmup_steps": 1, "cosine_steps": 10**15})
+        ),
     }.items():
         path.write_text(dump(raw))
         assert load_spec(path).name == "bad-input", ident
@@ -605,6 +641,20 @@ def test_sweep_size_and_coverage(capsys):
     for path in NUMERIC:
         assert {f"{path}=nan", f"{path}=inf", f"{path}=-inf", f"{path}=-1"} <= set(idents)
     assert N_INPUTS >= 450
+
+
+def test_data_and_schedule_bounds_hold_without_a_spec():
+    """The bounds belong to the configs themselves, not only to the spec that builds them."""
+    from trainables.data import DataConfig
+    from trainables.schedules import ScheduleConfig
+
+    assert DataConfig(vocab_size=1 << 24).vocab_size == 1 << 24
+    with pytest.raises(ValueError, match=r"DataConfig\.vocab_size=16777217 .*261\.\.16777216"):
+        DataConfig(vocab_size=(1 << 24) + 1)
+    for field in ("warmup_steps", "decay_steps"):
+        ScheduleConfig(**{field: 10**15})
+        with pytest.raises(ValueError, match=rf"ScheduleConfig\.{field}={10**15 + 1} is invalid"):
+            ScheduleConfig(**{field: 10**15 + 1})
 
 
 def test_unhashable_analysis_kind_is_refused(tmp_path, capsys):

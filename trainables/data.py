@@ -37,6 +37,7 @@ from trainables.tokenizer import N_RESERVED, Tokenizer, atomic_write, file_lock,
 from trainables.tokens import STORE_VERSION, TokenStore, build_token_store
 
 log = logging.getLogger(__name__)
+MAX_VOCAB = 1 << 24  # ModelConfig's own cap; MiniCPM's vocabulary is 122,753
 
 
 def _is_int(value: object, minimum: int) -> bool:
@@ -59,8 +60,9 @@ RULES = (
     ("text_field", _is_name, "a non-empty string"),
     (
         "vocab_size",
-        lambda v: _is_int(v, N_RESERVED + 1),
-        f"an integer >= {N_RESERVED + 1} (4 special ids and 256 byte pieces come first)",
+        lambda v: _is_int(v, N_RESERVED + 1) and v <= MAX_VOCAB,
+        f"an integer in {N_RESERVED + 1}..{MAX_VOCAB} (4 special ids and 256 byte pieces come "
+        "first; the most a model's embedding takes)",
     ),
     ("val_fraction", lambda v: _is_number(v, 0, 1) and v < 1, "a number in (0, 1)"),
     ("tokenizer", lambda v: v is None or _is_name(v), "None or a path/URL of a .model file"),

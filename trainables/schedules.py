@@ -22,6 +22,9 @@ import numpy as np
 
 KINDS = ("constant", "cosine", "wsd")
 DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt", "megatron-exp")
+# No run has more steps than its token budget allows (TrainConfig and PretrainConfig cap tokens
+# at 1e15, at least one token per step), so a step count above this is a typo such as 1e30.
+MAX_STEPS = 10**15
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class ScheduleConfig:
         _require(self.kind in KINDS, "kind", self.kind, f"one of {KINDS}")
         shape_ok = self.decay_shape in DECAY_SHAPES
         _require(shape_ok, "decay_shape", self.decay_shape, f"one of {DECAY_SHAPES}")
-        warmup_ok = _is_int(self.warmup_steps) and self.warmup_steps >= 0
-        _require(warmup_ok, "warmup_steps", self.warmup_steps, "an int >= 0")
+        warmup_ok = _is_int(self.warmup_steps) and 0 <= self.warmup_steps <= MAX_STEPS
+        _require(warmup_ok, "warmup_steps", self.warmup_steps, f"an int in 0..{MAX_STEPS:.0e}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         fraction_ok = 0.0 < self.decay_fraction <= 1.0
         _require(fraction_ok, "decay_fraction", self.decay_fraction, "in (0, 1]")
@@ -67,23 +70,24 @@ class ScheduleConfig:
         _require(
             self.kind == "cosine", "cosine_steps", self.cosine_steps, "None unless kind='cosine'"
         )
-        ok = _is_int(self.cosine_steps) and self.cosine_steps > self.warmup_steps
-        allowed = f"an int > warmup_steps={self.warmup_steps}"
+        ok = _is_int(self.cosine_steps) and self.warmup_steps < self.cosine_steps <= MAX_STEPS
+        allowed = f"an int > warmup_steps={self.warmup_steps} and <= {MAX_STEPS:.0e}"
         _require(ok, "cosine_steps", self.cosine_steps, allowed)
 
     def _check_decay_steps(self) -> None:
         if self.decay_steps is None:
             return
         _require(self.kind == "wsd", "decay_steps", self.decay_steps, "None unless kind='wsd'")
-        ok = _is_int(self.decay_steps) and self.decay_steps >= 1
-        _require(ok, "decay_steps", self.decay_steps, "None or an int >= 1")
+        ok = _is_int(self.decay_steps) and 1 <= self.decay_steps <= MAX_STEPS
+        _require(ok, "decay_steps", self.decay_steps, f"None or an int in 1..{MAX_STEPS:.0e}")
 
     def _check_half_life(self) -> None:
         exp_wsd = self.kind == "wsd" and self.decay_shape == "exp"
         if self.half_life_steps is not None:
             allowed = "None unless kind='wsd' and decay_shape='exp'"
             _require(exp_wsd, "half_life_steps", self.half_life_steps, allowed)
-            _require(self.half_life_steps > 0, "half_life_steps", self.half_life_steps, "> 0")
+            ok = 0 < self.half_life_steps <= MAX_STEPS
+            _require(ok, "half_life_steps", self.half_life_steps, f"in (0, {MAX_STEPS:.0e}]")
         elif exp_wsd:
             # An exponential never reaches 0, so the derived half-life needs a positive floor.
             allowed = "> 0 for decay_shape='exp' without half_life_steps"
