@@ -366,3 +366,37 @@ def test_anneal_on_a_mixture_reports_each_source_and_resumes_exactly(
         for key in ("train_loss", "train_loss_pretrain", "train_loss_hq", "tokens_sft"):
             if key in first:
                 assert again[key] == pytest.approx(first[key], abs=1e-6), (first["step"], key)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_fsdp_anneal_on_a_mixture_matches_one_process(
+    ray_local, small_store, mixture, stable_12, tmp_path
+):
+    """One fit: an FSDP2 anneal on 2 workers reading the mixture, against it in one process."""
+    from sandbox_service.pretrain import checkpoints, run_pretrain
+    from trainables.pretrain_config import ScalingConfig
+
+    torch.set_num_threads(1)
+    cfg = spec(
+        small_store,
+        steps=16,
+        checkpoint_every=100,
+        anneal_mixture=mixture,
+        scaling=ScalingConfig(num_workers=2, strategy="fsdp"),
+    )
+    single = run(cfg, small_store, tmp_path, "single", stage="anneal", init_from=stable_12)
+    runs = str(tmp_path / "runs")
+    result = run_pretrain(
+        cfg, runs, stage="anneal", init_from=stable_12, report_every=4, wandb_mode="disabled"
+    )
+    assert result.error is None
+    got, want = result.metrics, single.metrics[-1]
+    assert got["step"] == 16 and got["completed"]
+    window = [single.losses()[s] for s in range(13, 17)]
+    assert got["train_loss"] == pytest.approx(sum(window) / 4, rel=1e-4)
+    for key in ("tokens_pretrain", "tokens_hq", "tokens_sft"):
+        assert got[key] == want[key], key
+    for key in ("val_loss", "val_loss_hq", "val_loss_sft"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert [s for s, _ in checkpoints(runs, f"{cfg.name}-anneal-step_12")] == [16]
