@@ -10,13 +10,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import run, spec
+from test_pretrain import Recorder, run, spec
 
 from trainables import checkpoint as ckpt
 from trainables.checkpoint import CheckpointError
@@ -94,3 +100,100 @@ def test_resume_refuses_when_no_checkpoint_of_the_run_is_valid(small_store, full
     delete_manifest(run_dir / checkpoint_name(8) / "state")
     with pytest.raises(CheckpointError, match=r"no valid checkpoint .*manifest.* sha256"):
         train_pretrain(cfg, small_store, Runtime(resume_from=run_dir / checkpoint_name(8)))
+
+
+# --- Ray Train: SIGKILL of the worker process ----------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (Linux): the processes this test started."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [child for child, parent in parents.items() if parent == pid]
+        found += kids
+        todo += kids
+    return found
+
+
+def train_workers() -> list[int]:
+    """Ray Train worker processes of the session's local Ray (started below this process)."""
+    pids = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(pid)
+    return pids
+
+
+def kill_after_checkpoint(run_dir: Path, step: int, events: dict, timeout_s: float = 300) -> None:
+    """Once checkpoint `step` is whole in storage, SIGKILL the worker; then time the recovery."""
+    deadline = time.time() + timeout_s
+    manifest = run_dir / checkpoint_name(step) / "state" / ckpt.MANIFEST_FILE
+    while time.time() < deadline and not (manifest.exists() and train_workers()):
+        time.sleep(0.05)
+    workers = train_workers()
+    if len(workers) != 1:
+        events["error"] = f"expected one Ray Train worker, found {workers}"
+        return
+    (victim,) = workers
+    events["checkpoints_before"] = sorted(p.name for p in run_dir.glob("step_*"))
+    os.kill(victim, signal.SIGKILL)
+    events |= {"victim": victim, "killed_at": time.time()}
+    following = run_dir / checkpoint_name(step + 10) / "state" / ckpt.MANIFEST_FILE
+    while time.time() < deadline and not following.exists():
+        time.sleep(0.05)
+    events["next_checkpoint_s"] = time.time() - events["killed_at"]
+    events["workers_after"] = train_workers()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the worker process through /proc")
+def test_killed_worker_process_resumes_from_the_last_checkpoint(
+    ray_local, small_store, tmp_path, capsys
+):
+    """SIGKILL of the Ray Train worker mid-run: FailureConfig restarts it from the last
+    checkpoint, and the reported curve equals an uninterrupted run's, each step once."""
+    from sandbox_service.pretrain import run_pretrain
+
+    torch.set_num_threads(1)  # as in the Ray worker (one CPU: OMP_NUM_THREADS=1)
+    cfg = spec(small_store, steps=80, checkpoint_every=10)  # pretrain = steps 0..60
+    reference = Recorder(tmp_path / "reference")
+    train_pretrain(cfg, small_store, Runtime(report=reference), report_every=10)
+    expected = reference.losses()
+    assert sorted(expected) == [10, 20, 30, 40, 50, 60]
+
+    runs = tmp_path / "runs"
+    events: dict = {}
+    killer = threading.Thread(
+        target=kill_after_checkpoint, args=(runs / cfg.name, 20, events), daemon=True
+    )
+    killer.start()
+    started = time.time()
+    result = run_pretrain(cfg, str(runs), num_workers=1, report_every=10, wandb_mode="disabled")
+    wall_s = time.time() - started
+    killer.join(timeout=30)
+
+    assert "victim" in events, events.get("error", "the worker was never killed")
+    assert result.error is None and result.metrics["completed"]
+    assert events["victim"] not in events["workers_after"], "the killed worker came back?"
+    frame = result.metrics_dataframe
+    steps = list(frame["step"])
+    # Each checkpointed step reported once: a restart from scratch or from an older checkpoint
+    # would report step 10 or 20 again; a lost step would leave a gap.
+    assert steps == [10, 20, 30, 40, 50, 60], steps
+    for step, loss in zip(steps, frame["train_loss"], strict=True):
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+    with capsys.disabled():
+        print(
+            f"\nworker SIGKILL after checkpoint 20 (storage then held "
+            f"{events['checkpoints_before']}): resumed, each of steps 10..60 reported once, "
+            f"curve equal to the uninterrupted run; next checkpoint (step 30) "
+            f"{events['next_checkpoint_s']:.1f} s after the kill; fit {wall_s:.1f} s"
+        )
