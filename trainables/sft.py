@@ -1,6 +1,6 @@
 """Supervised fine-tuning: a model folder in, a chat model folder out (MiniCPM's SFT stage).
 
-MiniCPM (arXiv 2404.06395 §6, facts §4) fine-tunes the annealed model on SFT data only, with the
+MiniCPM (arXiv 2404.06395, facts §4) fine-tunes the annealed model on SFT data only, with the
 loss on responses only, at a learning rate that continues from the anneal's end (1e-3 → 1e-4,
 WSD). This stage:
 
@@ -179,7 +179,7 @@ def run_sft(
     report: Report | None = None,
 ) -> dict:
     """Fine-tune the model folder `init` into the model folder `out`; returns the final metrics
-    (train_loss, val_loss, val_loss_init, steps, tokens, response_tokens, wall_s, ...)."""
+    (step, train_loss, val_loss, val_loss_init, tokens, response_tokens, wall_s, ...)."""
     finished = _finished_metrics(Path(out))
     if finished is not None:
         return finished
@@ -240,6 +240,7 @@ class _Run:
     state: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.t0 = time.perf_counter()  # wall_s counts loading and packing too
         self.dev = _device()
         self.amp = autocast_dtype(self.cfg.precision, self.dev)
         loaded = load_model_dir(self.init)
@@ -275,7 +276,6 @@ class _Run:
         }
 
     def resume_or_start(self, last: Path) -> None:
-        self.t0 = time.perf_counter()
         if (last / ckpt.MANIFEST_FILE).exists():
             self.state = ckpt.load_checkpoint(last, self.model, self.opt)
             if self.state["identity"] != self.identity():
