@@ -18,6 +18,10 @@ kernels as 0: the flaw GPTQModel's "gptq_v2" format removes). The quantizer ther
 zero in [1, 2^b − 1] (trainables.gptq.quant_params), so every stored nibble is in [0, 2^b − 2]
 and every reader agrees.
 
+AutoGPTQ sizes the words as dim // 32 · b, so its kernels (and transformers through them) need
+in and out divisible by 32: the released MiniCPM shapes and micro widths that are multiples of 64
+are; other widths give the same layout at 32/b granularity, which `load_quantized` reads.
+
 A folder (`save_quantized`) is a `trainables.checkpoint` folder of kind "minicpm-gptq":
 
     <dir>/model.safetensors    HF Llama names ("model.layers.0.self_attn.q_proj.qweight", ...);
@@ -258,6 +262,11 @@ def save_quantized(
     names = sorted(quantized_linears(qmodel))
     if not names:
         raise ValueError("the model has no QuantLinear modules; quantize it first (quantize_model)")
+    if tokenizer.vocab_size > qmodel.cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's embedding "
+            f"has {qmodel.cfg.vocab_size} rows"
+        )
     state = {
         "kind": KIND,
         "stage": "gptq",
