@@ -12,9 +12,9 @@ Conversations are split train/validation by content hash (`corpus.is_validation`
 the chat template and packed next-fit into rows of seq_len + 1 tokens; a row trains on inputs
 row[:-1] and targets labels[1:]. Each conversation's first token (<s>) carries label -100, so no
 response ever predicts the start of the next conversation. Attention is causal over the whole
-row: a packed conversation can attend to the ones before it in its row. That is the usual
-cost-free packing (as in Hugging Face TRL's `packing=True` without position resets); the
-template's <s> and markers make the boundary visible to the model.
+row: a packed conversation can attend to the ones before it in its row, and its RoPE positions
+continue from them. That is the cheap kind of packing (no per-document mask, one dense causal
+attention); the template's <s> and markers make each boundary visible to the model.
 
 Rows are shuffled once per epoch by a generator seeded with (seed, epoch): the batch of a step is
 a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
