@@ -152,22 +152,19 @@ def kill_after_checkpoint(run_dir: Path, step: int, events: dict, timeout_s: flo
     events["workers_after"] = train_workers()
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform != "linux", reason="finds the worker process through /proc")
-def test_killed_worker_process_resumes_from_the_last_checkpoint(
-    ray_local, small_store, tmp_path, capsys
-):
-    """SIGKILL of the Ray Train worker mid-run: FailureConfig restarts it from the last
-    checkpoint, and the reported curve equals an uninterrupted run's, each step once."""
+@pytest.fixture(scope="module")
+def killed_run(ray_local, small_store, tmp_path_factory):
+    """A 60-step pretrain on Ray Train whose worker process is SIGKILLed after checkpoint 20,
+    and the same run uninterrupted in one process: (cfg, storage, result, events, losses)."""
     from sandbox_service.pretrain import run_pretrain
 
+    if sys.platform != "linux":
+        pytest.skip("finds the worker process through /proc")
     torch.set_num_threads(1)  # as in the Ray worker (one CPU: OMP_NUM_THREADS=1)
     cfg = spec(small_store, steps=80, checkpoint_every=10)  # pretrain = steps 0..60
+    tmp_path = tmp_path_factory.mktemp("killed")
     reference = Recorder(tmp_path / "reference")
     train_pretrain(cfg, small_store, Runtime(report=reference), report_every=10)
-    expected = reference.losses()
-    assert sorted(expected) == [10, 20, 30, 40, 50, 60]
 
     runs = tmp_path / "runs"
     events: dict = {}
@@ -177,9 +174,18 @@ def test_killed_worker_process_resumes_from_the_last_checkpoint(
     killer.start()
     started = time.time()
     result = run_pretrain(cfg, str(runs), num_workers=1, report_every=10, wandb_mode="disabled")
-    wall_s = time.time() - started
+    events["fit_s"] = time.time() - started
     killer.join(timeout=30)
+    return cfg, runs, result, events, reference.losses()
 
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_worker_process_resumes_from_the_last_checkpoint(killed_run, capsys):
+    """SIGKILL of the Ray Train worker mid-run: FailureConfig restarts it from the last
+    checkpoint, and the reported curve equals an uninterrupted run's, each step once."""
+    cfg, runs, result, events, expected = killed_run
+    assert sorted(expected) == [10, 20, 30, 40, 50, 60]
     assert "victim" in events, events.get("error", "the worker was never killed")
     assert result.error is None and result.metrics["completed"]
     assert events["victim"] not in events["workers_after"], "the killed worker came back?"
@@ -195,5 +201,25 @@ def test_killed_worker_process_resumes_from_the_last_checkpoint(
             f"\nworker SIGKILL after checkpoint 20 (storage then held "
             f"{events['checkpoints_before']}): resumed, each of steps 10..60 reported once, "
             f"curve equal to the uninterrupted run; next checkpoint (step 30) "
-            f"{events['next_checkpoint_s']:.1f} s after the kill; fit {wall_s:.1f} s"
+            f"{events['next_checkpoint_s']:.1f} s after the kill; fit {events['fit_s']:.1f} s"
         )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rerun_on_a_damaged_last_checkpoint_resumes_from_the_one_before(killed_run, capsys):
+    """Ray Train hands the rerun its last checkpoint (step 60), damaged here: the worker resumes
+    from step 50 instead, and step 60 comes out as in the uninterrupted run."""
+    from sandbox_service.pretrain import run_pretrain
+
+    cfg, runs, _, _, expected = killed_run
+    last = runs / cfg.name / checkpoint_name(60) / "state"
+    flip_a_byte(last)
+    started = time.time()
+    result = run_pretrain(cfg, str(runs), num_workers=1, report_every=10, wandb_mode="disabled")
+    rerun_s = time.time() - started
+    assert result.error is None and result.metrics["step"] == 60
+    assert result.metrics["train_loss"] == pytest.approx(expected[60], rel=1e-5)
+    ckpt.verify_checkpoint(last)  # step 60 written again, whole
+    with capsys.disabled():
+        print(f"\nrerun on a damaged step-60 checkpoint: resumed from step 50 in {rerun_s:.1f} s")
