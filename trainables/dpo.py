@@ -214,7 +214,8 @@ class DPOConfig:
     batch_size: int = 8  # pairs per optimizer step (2·batch_size sequences)
     seq_len: int = 256  # tokens of prompt + response; see truncate_pair for what is cut
     max_prompt_len: int | None = None  # prompt tokens kept when cutting; None: seq_len // 2
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(weight_decay=0.0))
+    # MiniCPM's DPO β/ε/decay/clip are unpublished: OpenBMB's engine defaults, as in pretraining
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint_every: int = 50  # steps between resumable checkpoints in the work folder
     eval_every: int = 50  # steps between held-out evaluations and reports
     seed: int = 0  # salts the held-out split and the batch order
