@@ -15,7 +15,7 @@ Each group of `group_size` consecutive input weights shares an asymmetric min/ma
 quantized blocks < i, and inside a block (true_sequential) q/k/v, then o, then gate/up, then
 down, each on inputs from the projections quantized before it. Embeddings and norms stay full
 precision. `run_gptq` is the stage: a model folder in, a sealed int4 folder out, with the held-out
-perplexity of full precision, GPTQ and RTN.
+perplexity of full precision, GPTQ and RTN and the KL of each quantized model to full precision.
 
     qmodel, report = quantize_model(model, calib_ids, QuantConfig(), method="gptq")
     metrics = run_gptq("runs/x/sft/model", "runs/x/gptq", cfg=QuantConfig(), calib=None,
@@ -263,6 +263,15 @@ def quantize_model(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: allowed {METHODS}")
+    if calib_ids.ndim != 2 or calib_ids.dtype.is_floating_point or not calib_ids.numel():
+        raise ValueError(
+            f"calib_ids: {tuple(calib_ids.shape)} {calib_ids.dtype}; expected token ids (n, T)"
+        )
+    if calib_ids.shape[1] > model.cfg.max_seq_len:
+        raise ValueError(
+            f"calib_ids: windows of {calib_ids.shape[1]} tokens exceed the model's "
+            f"max_seq_len={model.cfg.max_seq_len}"
+        )
     t0 = time.perf_counter()
     qmodel = copy.deepcopy(model).eval()
     T = calib_ids.shape[1]

@@ -12,11 +12,11 @@ integration reads. For each quantized linear with `in` inputs, `out` outputs, b 
 
     w'[o, i] = scales[g, o] · (q[o, i] − zero[g, o]),   g = g_idx[i]
 
-The zero-point convention: the format stores zero − 1 and its readers add the 1 back, but they
-disagree on the nibble 2^b − 1 (AutoGPTQ's `qlinear_cuda_old` reads it as 2^b, the newer
-kernels as 0: the flaw GPTQModel's "gptq_v2" format removes). The quantizer therefore keeps
-zero in [1, 2^b − 1] (trainables.gptq.quant_params), so every stored nibble is in [0, 2^b − 2]
-and every reader agrees.
+The zero-point convention: the format stores zero − 1 in b bits and its readers add the 1 back,
+some after masking to b bits and some before, so the nibble 2^b − 1 reads as 2^b in one and 0 in
+another (the offset GPTQModel's "gptq_v2" format drops), and a zero of 0 has no safe encoding.
+The quantizer therefore keeps zero in [1, 2^b − 1] (trainables.gptq.quant_params): every stored
+nibble is in [0, 2^b − 2] and every reader decodes the same weights.
 
 AutoGPTQ sizes the words as dim // 32 · b, so its kernels (and transformers through them) need
 in and out divisible by 32: the released MiniCPM shapes and micro widths that are multiples of 64
@@ -157,9 +157,8 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     if values.min() < 0 or values.max() >= 2**bits:
         raise ValueError(f"values outside [0, {2**bits - 1}] do not fit {bits} bits")
     shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits  # (p,)
-    words = (values.to(torch.int64).view(rows // per_word, per_word, cols) << shifts[:, None]).sum(
-        1
-    )
+    grouped = values.to(torch.int64).view(rows // per_word, per_word, cols)  # (R/p, p, C)
+    words = (grouped << shifts[:, None]).sum(dim=1)  # disjoint bits: the sum is a bitwise or
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
@@ -175,7 +174,11 @@ def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear whose weight is stored packed; on CPU it dequantizes once and caches."""
+    """A bias-free linear whose weight is stored packed; it dequantizes once and caches.
+
+    Move it with .to(device) only: forward casts the weight to the input's dtype, and a float
+    cast of the module would also round its float16 scales.
+    """
 
     def __init__(self, in_features: int, out_features: int, n_groups: int, bits: int):
         super().__init__()
@@ -304,16 +307,17 @@ def is_quantized(directory: str | Path) -> bool:
     return True
 
 
-def load_quantized(directory: str | Path) -> LoadedModel:
-    """Verify and load a quantized folder: a MiniCPM with QuantLinear projections, eval, CPU."""
+def load_quantized(directory: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Verify and load a quantized folder: a MiniCPM with QuantLinear projections, in eval mode."""
     folder = Path(directory)
     state = read_quantized_state(folder)
     where = str(folder / ckpt.STATE_FILE)
     config = from_dict(ModelConfig, state["model_config"], f"{where}:model_config")
     qcfg = from_dict(QuantConfig, state["quant_config"], f"{where}:quant_config")
     model = MiniCPM(config)
+    modules = dict(model.named_modules())
     for name in state["quantized_modules"]:
-        linear = model.get_submodule(name)
+        linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise ckpt.CheckpointError(f"{where}: quantized module {name!r} is not a linear")
         groups = qcfg.n_groups(linear.in_features)
@@ -322,4 +326,4 @@ def load_quantized(directory: str | Path) -> LoadedModel:
         )
     ckpt.load_checkpoint(folder, _HFLayout(model), None)
     tokenizer = Tokenizer((folder / TOKENIZER_FILE).read_bytes(), str(folder / TOKENIZER_FILE))
-    return LoadedModel(model.eval(), tokenizer, config, state, str(folder))
+    return LoadedModel(model.to(device).eval(), tokenizer, config, state, str(folder))
