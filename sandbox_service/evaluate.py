@@ -23,7 +23,6 @@ an object with `.model` (MiniCPM's forward) and `.tokenizer`.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -62,12 +61,11 @@ class Unit:
 
 def load_model(model_dir: str, device: str = "cpu"):
     """A model folder or a GPTQ folder; either way an object with .model and .tokenizer."""
-    if importlib.util.find_spec("trainables.quantized") is not None:
-        from trainables import quantized
-
-        if quantized.is_quantized(model_dir):
-            return quantized.load_quantized(model_dir)
+    from trainables import quantized
     from trainables.artifact import load_model_dir
+
+    if quantized.is_quantized(model_dir):
+        return quantized.load_quantized(model_dir, device=device)
 
     return load_model_dir(model_dir, device=device)
 
@@ -161,13 +159,14 @@ def evaluate_unit(
     shots: int,
     limit: int | None,
     batch_size: int,
-    threads: int = 1,
+    threads: int | None = None,
     device: str = "cpu",
 ) -> dict:
     """Score one unit and write its result file; runs in a Ray task or in-process alike."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     loaded = load_model(unit.model_dir, device)
     if unit.kind == "task":
@@ -260,7 +259,13 @@ def _run_remote(pending, shots, limit, batch_size, num_gpus) -> dict:
     by_payload = {key: ray.put(p) for key, p in payloads.items()}  # one copy, shared by models
     futures = {
         remote.remote(
-            u, by_payload[id(p)], shots=shots, limit=limit, batch_size=batch_size, device=device
+            u,
+            by_payload[id(p)],
+            shots=shots,
+            limit=limit,
+            batch_size=batch_size,
+            threads=1,  # the task's one CPU
+            device=device,
         ): u
         for u, p in pending
     }
@@ -321,8 +326,9 @@ def format_table(results: dict) -> str:
     if sets:
         head.append("mean bpb")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = short_labels(models)
     for m in models:
-        row = [m, results["stages"][m]]
+        row = [labels[m], results["stages"][m]]
         for t in tasks:
             r = results["tasks"][m].get(t)
             row.append(f"{r['best']:.3f} {MODE_TAGS[r['chosen_mode']]}" if r else "")
@@ -336,6 +342,17 @@ def format_table(results: dict) -> str:
     legend = ", ".join(f"{tag} = {mode}" for mode, tag in MODE_TAGS.items())
     lines.append(f"\nAccuracy of the best mode per model and task ({legend}); bpb = bits per byte.")
     return "\n".join(lines) + "\n"
+
+
+def short_labels(models: list[str]) -> dict[str, str]:
+    """Each model's path relative to the folder that holds them all ("sft/model")."""
+    if len(models) < 2:
+        return {m: Path(m).name or m for m in models}
+    try:
+        common = os.path.commonpath(models)
+    except ValueError:  # mixed absolute and relative paths, or URLs
+        return {m: m for m in models}
+    return {m: os.path.relpath(m, common) for m in models}
 
 
 def log_wandb(results: dict, mode: str, out: str | None) -> None:

@@ -158,7 +158,10 @@ def test_batching_and_padding_do_not_change_a_real_models_scores(micro):
     prompts = [p for p, _ in pairs]
     a = greedy_generate(micro, prompts, max_new_tokens=6, eos_id=EOS, max_len=32, batch_size=1)
     b = greedy_generate(micro, prompts, max_new_tokens=6, eos_id=EOS, max_len=32, batch_size=8)
-    assert a == b and all(len(x) <= 6 for x in a)
+    uncached = greedy_generate(
+        micro, prompts, max_new_tokens=6, eos_id=EOS, max_len=32, batch_size=8, use_cache=False
+    )
+    assert a == b == uncached and all(len(x) <= 6 for x in a)
 
 
 def test_a_context_longer_than_the_window_is_cut_from_the_left():

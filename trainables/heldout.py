@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables.corpus import iter_documents
-from trainables.scoring import model_max_len
+from trainables.scoring import model_device, model_max_len
 from trainables.tasks import default_name, parse_spec
 from trainables.tokenizer import Tokenizer
 from trainables.tokens import TokenStore, bits_per_byte
@@ -113,7 +113,7 @@ def stream_nll(
         raise ValueError(f"a stream of {len(stream)} tokens predicts nothing")
     ids = torch.tensor(stream, dtype=torch.long)
     n_windows = math.ceil((len(stream) - 1) / seq_len)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = 0.0
     for first in range(0, n_windows, batch_size):
         rows = range(first, min(first + batch_size, n_windows))

@@ -12,8 +12,9 @@ model, because small models often know the answer before they follow the answer 
 
 Every function is deterministic: batches are ordered by length with ties broken by position,
 argmax picks the first of equal scores, and greedy decoding batches only prompts of equal length,
-so no padding ever reaches the model. Any module with MiniCPM's forward, `model(ids (B, T)) ->
-logits (B, T, V)`, can be scored: the float model, a GPTQ-quantised one, or a test's fake.
+so no padding ever reaches the model and one KV cache of `trainables.generate` serves a batch.
+Any module with MiniCPM's forward, `model(ids (B, T)) -> logits (B, T, V)`, can be scored: the
+float model, a GPTQ-quantised one, or a test's fake.
 
     lp = continuation_logprobs(model, [(ctx_ids, opt_ids), ...], batch_size=8, max_len=256)
     out = greedy_generate(model, [prompt_ids], max_new_tokens=8, eos_id=2, max_len=256)
@@ -28,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 import torch
 import torch.nn.functional as F
 
+from trainables.generate import KVCache, cached_forward, supports_cache
 from trainables.tasks import (
     LETTERS,
     GenItem,
@@ -48,6 +50,13 @@ def model_max_len(model: torch.nn.Module) -> int:
     if cfg is None or not hasattr(cfg, "max_seq_len"):
         raise ValueError(f"{type(model).__name__} has no cfg.max_seq_len; pass max_len explicitly")
     return int(cfg.max_seq_len)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live (a quantised model may hold them only as buffers)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 # --- likelihood of a continuation ----------------------------------------------------------
@@ -93,18 +102,18 @@ def continuation_logprobs(
     seqs = [fit_window(ctx, cont, max_len) for ctx, cont in pairs]
     n_scored = [len(cont) for _, cont in pairs]
     out = [0.0] * len(seqs)
-    device = next(model.parameters()).device
+    device = model_device(model)
     for batch in length_batches([len(s) for s in seqs], batch_size):
         width = len(seqs[batch[0]]) - 1
         ids = torch.zeros(len(batch), width + 1, dtype=torch.long)
         for row, i in enumerate(batch):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-        logp = F.log_softmax(model(ids[:, :-1].to(device)).float(), dim=-1)  # (B, T, V)
+        logits = model(ids[:, :-1].to(device))  # (B, T, V)
         for row, i in enumerate(batch):
             end = len(seqs[i]) - 1  # logits at t predict token t + 1
             targets = ids[row, end - n_scored[i] + 1 : end + 1].to(device)
-            picked = logp[row, end - n_scored[i] : end].gather(-1, targets[:, None])
-            out[i] = float(picked.sum())
+            logp = F.log_softmax(logits[row, end - n_scored[i] : end].float(), dim=-1)  # (k, V)
+            out[i] = float(logp.gather(-1, targets[:, None]).sum())
     return out
 
 
@@ -136,6 +145,7 @@ def greedy_generate(
     max_len: int,
     batch_size: int = 8,
     stop: Callable[[list[int]], bool] | None = None,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Greedy continuation ids of each prompt, ending before eos or once `stop(ids)` holds.
 
@@ -157,9 +167,8 @@ def greedy_generate(
         for first in range(0, len(group), batch_size):
             rows = group[first : first + batch_size]
             ids = torch.tensor([cut[i] for i in rows], dtype=torch.long)
-            for i, gen in zip(
-                rows, _decode_batch(model, ids, max_new_tokens, eos_id, stop), strict=True
-            ):
+            generated = _decode_batch(model, ids, max_new_tokens, eos_id, stop, use_cache)
+            for i, gen in zip(rows, generated, strict=True):
                 out[i] = gen
     return out
 
@@ -170,14 +179,26 @@ def _decode_batch(
     max_new_tokens: int,
     eos_id: int,
     stop: Callable[[list[int]], bool] | None,
+    use_cache: bool,
 ) -> list[list[int]]:
-    """Greedy steps over one batch (B, T) of equal-length prompts, without a KV cache."""
-    device = next(model.parameters()).device
-    ids = ids.to(device)
+    """Greedy steps over one batch (B, T) of equal-length prompts.
+
+    A model with MiniCPM's module layout decodes through trainables.generate's KV cache (the
+    rows have equal lengths, so one cache holds the batch); any other recomputes the prefix.
+    """
+    ids = ids.to(model_device(model))
+    cache = None
+    if use_cache and supports_cache(model):
+        cache = KVCache(len(model.layers), model.cfg.max_seq_len)
+    fresh = ids  # the ids the cache has not seen
     gen: list[list[int]] = [[] for _ in range(ids.shape[0])]
     done = [False] * ids.shape[0]
     for _ in range(max_new_tokens):
-        nxt = model(ids)[:, -1].float().argmax(dim=-1)  # (B,): torch takes the first maximum
+        if cache is None:
+            logits = model(ids)[:, -1]
+        else:
+            logits = cached_forward(model, fresh, cache, last_only=True)[:, -1]
+        nxt = logits.float().argmax(dim=-1)  # (B,): torch takes the first maximum
         for row, token in enumerate(nxt.tolist()):
             if done[row]:
                 continue
@@ -188,7 +209,7 @@ def _decode_batch(
             done[row] = stop is not None and stop(gen[row])
         if all(done):
             break
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        ids, fresh = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
     return gen
 
 
@@ -289,8 +310,12 @@ def score_task(
     if not scored:
         raise ValueError(f"task {task.name}: no items left to score (limit={limit})")
     max_len = max_len or model_max_len(model)
+    # at least half the window stays for the prompt, whatever the task's generation budget
+    max_new_tokens = min(task.max_new_tokens, max_len // 2)
     correct = {
-        "generate": _generate_hits(model, tokenizer, task, examples, scored, batch_size, max_len)
+        "generate": _generate_hits(
+            model, tokenizer, task, examples, scored, batch_size, max_len, max_new_tokens
+        )
     }
     if task.kind == "mc":
         correct |= _loglik_hits(model, tokenizer, examples, scored, batch_size, max_len, norm_unit)
@@ -319,7 +344,9 @@ def _loglik_hits(model, tokenizer, examples, items, batch_size, max_len, norm_un
     return hits
 
 
-def _generate_hits(model, tokenizer, task, examples, items, batch_size, max_len) -> list[bool]:
+def _generate_hits(
+    model, tokenizer, task, examples, items, batch_size, max_len, max_new_tokens
+) -> list[bool]:
     if task.kind == "mc":
         prompts = [mc_generate_prompt(item, examples) for item in items]
     else:
@@ -332,7 +359,7 @@ def _generate_hits(model, tokenizer, task, examples, items, batch_size, max_len)
     outputs = greedy_generate(
         model,
         tokenizer.encode(prompts),
-        max_new_tokens=min(task.max_new_tokens, max_len - 1),
+        max_new_tokens=max_new_tokens,
         eos_id=tokenizer.eos_id,
         max_len=max_len,
         batch_size=batch_size,
