@@ -234,9 +234,10 @@ def parser() -> argparse.ArgumentParser:
     add_transfer_parser(sub)
     add_plan_parser(sub)
     _pretrain_parsers(sub)
-    from sandbox_service import submit
+    from sandbox_service import cli_stages, submit
 
     submit.add_parser(sub)
+    cli_stages.add_parsers(sub)
     c = sub.add_parser("coordcheck", help="μP coordinate check: activation scale vs width")
     from trainables.coordcheck import add_arguments
 
@@ -257,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     from sandbox_service.pipeline_spec import PipelineError
     from sandbox_service.spec import SpecError
     from sandbox_service.study import StudyError
+    from trainables.checkpoint import CheckpointError
 
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SpecError, StudyError, PipelineError, ValueError) as e:
+    except (SpecError, StudyError, PipelineError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,9 @@ stages read (`model` for a model folder, `checkpoint`, `spec`, `study`), metrics
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sandbox_service import storage
@@ -308,28 +310,73 @@ def _actor_stage(stage, ctx: Context) -> tuple[dict, dict]:
         num_cpus=stage.resources.cpu, num_gpus=stage.resources.gpu
     )
     actor = worker.remote()
+    run_name = f"{storage.local_path(ctx.root).name}/{stage.name}"
+    call = actor.run.remote(
+        stage.kind, stage.options, ctx.one_input()["model"], out, run_name, ctx.wandb_mode
+    )
     try:
-        metrics = ray.get(
-            actor.run.remote(stage.kind, stage.options, ctx.one_input()["model"], out)
-        )
+        metrics = ray.get(call)
     finally:
         ray.kill(actor)
-    return {"model": out}, metrics
+    detail = storage.join(ctx.folder, "metrics.json")
+    storage.write_text(detail, json.dumps(metrics, indent=1, default=str) + "\n")
+    return {"model": out, "metrics": detail}, summarise(stage.kind, metrics)
+
+
+def summarise(kind: str, metrics: dict) -> dict:
+    """The few numbers a stage is judged by (the full metrics stay in <stage>/metrics.json)."""
+    if kind == "gptq":
+        fp = metrics["fp"]["ppl"]
+        out = {"ppl_fp": fp}
+        for method in ("gptq", "rtn"):
+            ppl = metrics[method]["ppl"]
+            out |= {f"ppl_{method}": ppl, f"ppl_increase_{method}_pct": 100 * (ppl / fp - 1)}
+            out[f"layer_error_mean_{method}"] = metrics[method]["layer_errors"]["mean"]
+        return out | {"bytes_on_disk": metrics.get("bytes_on_disk")}
+    keep = ("step", "train_loss", "val_loss", "val_loss_init", "tokens", "wall_s")
+    keep += tuple(k for k in metrics if k.startswith("val_reward") or k.endswith("_logps"))
+    return {k: metrics[k] for k in keep if k in metrics}
 
 
 class StageWorker:
-    """The body of a downstream stage's Ray actor: plain trainables calls, no Ray inside."""
+    """The body of a downstream stage's Ray actor: plain trainables calls, no Ray inside.
 
-    def run(self, kind: str, options: dict, init: str, out: str) -> dict:
+    Metrics go to a W&B run named `<pipeline>/<stage>` (offline by default, under the stage's
+    folder), grouped by pipeline."""
+
+    def run(self, kind: str, options: dict, init: str, out: str, run_name: str, mode: str):
+        import torch
+
+        from trainables.tracking import TrialTracker, WandbConfig
+
         _stay_local(out)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tracker = TrialTracker(
+            WandbConfig(),
+            mode=mode,
+            group=run_name.split("/")[0],
+            name=run_name,
+            config={"kind": kind, "init": init, **options},
+            directory=str(Path(out).parent / "wandb") if mode != "disabled" else None,
+        )
+        try:
+            metrics = self._run(kind, options, init, out, lambda m, *_: tracker.log(m), device)
+        except BaseException:
+            tracker.finish(exit_code=1)
+            raise
+        tracker.finish()
+        return metrics
+
+    @staticmethod
+    def _run(kind, options, init, out, report, device) -> dict:
         if kind == "sft":
             from trainables.sft import run_sft
 
-            return run_sft(validate_options(kind, options), init, out)
+            return run_sft(validate_options(kind, options), init, out, report=report)
         if kind == "dpo":
             from trainables.dpo import run_dpo
 
-            return run_dpo(validate_options(kind, options), init, out)
+            return run_dpo(validate_options(kind, options), init, out, report=report, device=device)
         from trainables.gptq import run_gptq
 
         own, qcfg = validate_options("gptq", options)
@@ -341,6 +388,7 @@ class StageWorker:
             n_calib=own.n_calib,
             seq_len=own.seq_len,
             seed=own.seed,
+            device=device,
         )
 
 
@@ -366,8 +414,10 @@ def _eval(stage, ctx: Context) -> tuple[dict, dict]:
         limit=opts.limit,
         address=ctx.address,
         batch_size=opts.batch_size,
+        num_gpus=stage.resources.gpu,
+        wandb_mode=ctx.wandb_mode,
     )
-    table = format_table(results, names={path: name for name, path in models.items()})
+    table = format_table(results)
     storage.write_text(storage.join(ctx.folder, "table.md"), table + "\n")
     return {"results": storage.join(ctx.folder, "results.json"), "table": table}, {}
 
