@@ -236,6 +236,7 @@ def _check_tokenizer(name: str, found: TokenStore, store: TokenStore) -> None:
 def render_sft(sources: Sequence[str], cache_dir: Path) -> Path:
     """<cache>/mixture-sft/<key>/rendered.jsonl: one {"text": render_chat(messages)} per record,
     key = the sources' fingerprint (names, sizes, times) and RENDER_VERSION; built once."""
+    sources = [_sft_file(s) for s in sources]
     key = hashlib.sha256(f"{source_fingerprint(sources)} {RENDER_VERSION}".encode()).hexdigest()
     path = cache_dir / "mixture-sft" / key[:32] / "rendered.jsonl"
     with file_lock(path.with_suffix(".lock")):
@@ -248,9 +249,16 @@ def render_sft(sources: Sequence[str], cache_dir: Path) -> Path:
     return path
 
 
+def _sft_file(source: str) -> str:
+    """`embedded:sft` is the project's offline SFT set, a JSON Lines file built on first use."""
+    from trainables.sft_data import EMBEDDED_SFT, embedded_sft_path
+
+    return str(embedded_sft_path()) if source == EMBEDDED_SFT else source
+
+
 def sft_messages(sources: Sequence[str]) -> Iterator[list[dict]]:
     """The conversations of JSON Lines SFT files (paths, URLs, globs), in order."""
-    for source in sources:
+    for source in map(_sft_file, sources):
         files = fsspec.open_files(source, mode="rt", compression="infer", encoding="utf-8")
         if not files:
             raise CorpusError(f"{source}: no file matches")
