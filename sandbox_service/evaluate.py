@@ -214,8 +214,11 @@ def run_eval(
     """
     if not model_dirs:
         raise EvalError("no model folders given")
+    _check_counts(shots=shots, limit=limit, batch_size=batch_size)
     dirs = [os.path.abspath(d) if storage.is_local(d) else d for d in model_dirs]
     task_objs, sets = _read_inputs(tasks, heldout)
+    for task in task_objs:
+        task.split(shots)  # too many shots for a task fails here, before any work starts
     units = plan_units(dirs, task_objs, sets, out, shots, limit)
     records = {u: finished(u) for u, _ in units}
     pending = [(u, p) for u, p in units if records[u] is None]
@@ -230,6 +233,18 @@ def run_eval(
     if wandb_mode != "disabled":
         log_wandb(results, wandb_mode, out)
     return results
+
+
+def _check_counts(*, shots: int, limit: int | None, batch_size: int) -> None:
+    for name, value, least in (
+        ("shots", shots, 0),
+        ("limit", limit, 1),
+        ("batch_size", batch_size, 1),
+    ):
+        if name == "limit" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r}: must be an integer >= {least}")
 
 
 def _read_inputs(tasks, heldout) -> tuple[list[Task], list[HeldoutSet]]:

@@ -118,3 +118,19 @@ def test_a_retrained_model_is_evaluated_anew_and_results_sit_beside_it(tok, tmp_
     save_model_dir(folder, micro_model(tok, 5), tok, stage="dpo")
     for unit, _ in plan_units([folder], [task], [heldout], None, 0, 2):
         assert finished(unit) is None  # new weights: new fingerprint
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"shots": -1}, "shots=-1"),
+        ({"limit": 0}, "limit=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"shots": 9}, "shots=9: task modules has only 5 items"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(models, inputs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_eval(models, [inputs[0]], None, heldout=[], **kwargs)
+    with pytest.raises(evaluate.EvalError, match="no model folders"):
+        run_eval([], [inputs[0]])
