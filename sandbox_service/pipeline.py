@@ -16,6 +16,7 @@ resumes its own work (Tune restores the study, Ray Train and SFT/DPO their last 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import datetime, timezone
@@ -45,7 +46,7 @@ def run_pipeline(
     wandb_mode: str = "offline",
     num_cpus: int | None = None,
     verbose: bool = False,
-    echo=print,
+    echo=None,
 ) -> dict:
     """Run (or resume) every stage; returns {stage: record}. Raises on the first failed stage.
 
@@ -53,6 +54,7 @@ def run_pipeline(
     it starts and one with its outputs when it ends."""
     from sandbox_service.study import init_ray
 
+    echo = echo or functools.partial(print, flush=True)  # progress shows at once, even in a pipe
     url = pipeline_url(spec, root)
     _claim(spec, url)
     records = {s.name: r for s in spec.stages if (r := _usable_record(url, s)) is not None}
