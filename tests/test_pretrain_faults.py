@@ -102,6 +102,23 @@ def test_resume_refuses_when_no_checkpoint_of_the_run_is_valid(small_store, full
         train_pretrain(cfg, small_store, Runtime(resume_from=run_dir / checkpoint_name(8)))
 
 
+def test_anneal_from_a_damaged_checkpoint_is_refused_before_any_worker(
+    small_store, full_run, tmp_path
+):
+    from sandbox_service.pretrain import run_pretrain
+
+    cfg, full = full_run
+    stable = tmp_path / checkpoint_name(12)
+    shutil.copytree(full.checkpoints[12], stable)
+    reason = truncate(stable / "state")
+    runs = tmp_path / "runs"
+    with pytest.raises(CheckpointError, match=reason):  # before Ray or any worker starts
+        run_pretrain(cfg, str(runs), stage="anneal", init_from=stable, wandb_mode="disabled")
+    assert not runs.exists()
+    with pytest.raises(CheckpointError, match=reason):  # and no older sibling stands in for it
+        train_pretrain(cfg, small_store, stage="anneal", init_from=stable)
+
+
 # --- Ray Train: SIGKILL of the worker process ----------------------------------------------------
 
 
