@@ -134,3 +134,14 @@ def test_bad_requests_are_refused_before_any_work(models, inputs, kwargs, messag
         run_eval(models, [inputs[0]], None, heldout=[], **kwargs)
     with pytest.raises(evaluate.EvalError, match="no model folders"):
         run_eval([], [inputs[0]])
+
+
+def test_results_go_to_wandb_as_one_offline_run_per_model(tmp_path):
+    results = {
+        "tasks": {"/r/sft/model": {"t": {"loglik": 0.5, "best": 0.5, "chosen_mode": "loglik"}}},
+        "heldout": {"/r/sft/model": {"sets": {"h": {"bits_per_byte": 2.0}}, "average": {}}},
+        "stages": {"/r/sft/model": "sft"},
+    }
+    evaluate.log_wandb(results, "offline", str(tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
