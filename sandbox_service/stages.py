@@ -123,14 +123,36 @@ def _transfer_opts(options: dict):
 
 @dataclass(frozen=True)
 class GptqOptions:
+    """Calibration and evaluation data of the GPTQ stage (the QuantConfig keys sit beside these).
+
+    Calibration windows come from `calib`'s training split and perplexities from its held-out
+    split: SFT-style conversations by default (facts §4: MiniCPM calibrates on SFT-style data),
+    rendered with the chat template; `calib_format: text` reads a plain corpus instead."""
+
     n_calib: int = 64
     seq_len: int = 128
     seed: int = 0
-    calib: str | None = None  # a JSONL of conversations (default: the SFT data)
+    calib: str = "embedded:sft"  # JSONL of conversations, or a text corpus with calib_format text
+    calib_format: str = "sft"
+    max_chars: int | None = 2_000_000  # of calibration text read (None: all)
 
     def __post_init__(self):
         if not 1 <= self.n_calib <= 1_000_000 or not 8 <= self.seq_len <= 1 << 20:
             raise ValueError("n_calib must be in 1..1e6 and seq_len in 8..2^20")
+        if self.calib_format not in ("sft", "text"):
+            raise ValueError(f"calib_format={self.calib_format!r}: allowed sft, text")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ValueError(f"max_chars={self.max_chars}: must be >= 1")
+
+
+def calibration_source(opts: GptqOptions) -> str:
+    """A corpus path for run_gptq: SFT conversations are rendered to {"text"} JSON Lines once."""
+    if opts.calib_format == "text":
+        return opts.calib
+    from trainables.data import default_cache_dir
+    from trainables.mixture import render_sft
+
+    return str(render_sft([opts.calib], default_cache_dir()))
 
 
 def _gptq_opts(options: dict):
@@ -384,10 +406,11 @@ class StageWorker:
             init,
             out,
             cfg=qcfg,
-            calib=own.calib,
+            calib=calibration_source(own),
             n_calib=own.n_calib,
             seq_len=own.seq_len,
             seed=own.seed,
+            max_chars=own.max_chars,
             device=device,
         )
 
