@@ -111,3 +111,16 @@ def test_status_lineage_and_report_from_records(tmp_path):
     }
     report = Path(write_pipeline_report(spec, str(url), {"lr": record})).read_text()
     assert "| lr | study | 88 s |" in report and "| pretrain | pretrain | - | not run |" in report
+
+
+PIPELINES = [
+    p for p in sorted(STUDY.parent.glob("*.yaml")) if "stages" in yaml.safe_load(p.read_text())
+]
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_shipped_pipelines_load(path):
+    spec = load_pipeline(path)
+    assert spec.stages[0].kind == "study" and len({s.fingerprint for s in spec.stages}) == len(
+        spec.stages
+    )
