@@ -217,12 +217,8 @@ def read_records(source: str) -> list[tuple[str, dict]]:
 def load_task(spec: str) -> Task:
     """The task a spec names; the kind and checker follow from the records unless given."""
     source, options = parse_spec(spec, TASK_OPTIONS)
-    items = tuple(parse_record(r, where) for where, r in read_records(source))
-    dev = (
-        tuple(parse_record(r, where) for where, r in read_records(options["dev"]))
-        if ("dev" in options)
-        else ()
-    )
+    items = read_items(source)
+    dev = read_items(options["dev"]) if "dev" in options else ()
     kind = _single_kind(items + dev, source)
     checker = options.get("checker") or _default_checker(kind, items + dev)
     if checker not in CHECKERS[kind]:
@@ -232,6 +228,10 @@ def load_task(spec: str) -> Task:
     budget, stop = _generation_budget(kind, checker, items + dev)
     name = options.get("name") or default_name(source)
     return Task(name, kind, items, dev, checker, budget, stop, source)
+
+
+def read_items(source: str) -> tuple:
+    return tuple(parse_record(record, where) for where, record in read_records(source))
 
 
 def _single_kind(items: tuple, source: str) -> str:
