@@ -124,6 +124,7 @@ def _spec(mixture) -> PretrainConfig:
         ({"name": "hq", "weight": 1}, r"anneal_mixture\[hq\].sources"),
         ({"name": "pretrain", "weight": 1, "sources": ["a.txt"]}, "takes no sources"),
         ({"name": "hq", "weight": 1, "sources": ["a"], "format": "csv"}, "format='csv'"),
+        ({"name": "sft", "weight": 1, "sources": ["embedded:sft"]}, "set format: sft"),
     ],
 )
 def test_bad_mixture_entries_are_refused(entry, message):
@@ -184,5 +185,5 @@ def test_a_bad_sft_record_names_its_line(small_store, tmp_path):
     sft = tmp_path / "bad.jsonl"
     sft.write_text(json.dumps(sft_records(1)[0]) + "\n" + json.dumps({"text": "no roles"}) + "\n")
     data = DataConfig(vocab_size=small_store.meta["vocab_size"])
-    with pytest.raises(ValueError, match="bad.jsonl, line 2: record has keys text"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: record has keys text"):
         prepare_mixture((MixtureSource("sft", 1, (str(sft),), format="sft"),), data, small_store)

@@ -211,6 +211,7 @@ def test_spec_file_run_names_and_refusals(small_store, tmp_path):
 # --- Ray Train: 2 CPU workers, DDP over gloo ----------------------------------------------------
 
 
+@pytest.mark.ray
 def test_ray_train_two_workers_match_one_process_through_a_failure(
     ray_local, small_store, tmp_path
 ):

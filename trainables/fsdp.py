@@ -8,9 +8,10 @@ optimizer state into them. Works on CUDA (NCCL) and on CPUs (gloo) alike.
 Checkpoints are full state dicts gathered to rank 0 and written by trainables.checkpoint, the
 same files DDP writes: a stable run under fsdp can be annealed under ddp and the reverse, and the
 model-folder hand-off after pretraining reads them unchanged. The price is rank 0's host memory
-(weights + AdamW moments, 12 bytes per parameter in fp32, ~30 GB at 2.4B) and one gather per
-checkpoint; torch.distributed.checkpoint (sharded files) would avoid both, at the cost of a
-second format that nothing downstream reads.
+(the gathered fp32 weights and AdamW moments, 12 bytes per parameter, plus the plain model they
+are written from, 4 more: ~39 GB at 2.4B) and one gather per checkpoint;
+torch.distributed.checkpoint (sharded files) would avoid both, at the cost of a second format
+that nothing downstream reads.
 
 Loading runs before sharding: the caller builds the model and optimizer on the CPU, loads a
 checkpoint into them as under ddp, and `shard` moves the shards to the device.

@@ -10,7 +10,8 @@ A PretrainConfig names the sources in `anneal_mixture`:
       - {name: sft, weight: 0.1, sources: [sft.jsonl], format: sft}
 
 A source reads text, JSON Lines or Parquet like DataConfig, or with `format: sft` JSON Lines of
-SFT records (any form trainables.chat.to_messages accepts), each conversation rendered as one
+SFT records (any form trainables.chat.to_messages accepts; "embedded:sft" is the offline set of
+trainables.sft_data), each conversation rendered as one
 document by MiniCPM's chat template (trainables.chat.render_chat: "<用户>{user}<AI>{answer}...").
 Every source is tokenised with the pretraining tokenizer into its own token store (built once and
 cached like the spec's data); that tokenizer has no `<用户>`/`<AI>` pieces, so the markers are
@@ -34,18 +35,18 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables.chat import ChatFormatError, render_chat, to_messages
-from trainables.corpus import FORMATS, CorpusError, source_fingerprint
+from trainables.chat import render_chat
+from trainables.corpus import FORMATS, source_fingerprint
 from trainables.data import DataConfig, default_cache_dir, prepare
+from trainables.sft_data import EMBEDDED_SFT, embedded_sft_path, load_conversations
 from trainables.tokenizer import atomic_write, file_lock
 from trainables.tokens import TokenStore
 
@@ -93,6 +94,10 @@ class MixtureSource:
         if self.format not in MIXTURE_FORMATS:
             raise ValueError(
                 f"anneal_mixture[{self.name}].format={self.format!r}: one of {MIXTURE_FORMATS}"
+            )
+        if EMBEDDED_SFT in self.sources and self.format != SFT:
+            raise ValueError(
+                f"anneal_mixture[{self.name}]: {EMBEDDED_SFT} holds SFT records; set format: {SFT}"
             )
 
     def data_config(
@@ -235,46 +240,16 @@ def _check_tokenizer(name: str, found: TokenStore, store: TokenStore) -> None:
 
 def render_sft(sources: Sequence[str], cache_dir: Path) -> Path:
     """<cache>/mixture-sft/<key>/rendered.jsonl: one {"text": render_chat(messages)} per record,
-    key = the sources' fingerprint (names, sizes, times) and RENDER_VERSION; built once."""
-    sources = [_sft_file(s) for s in sources]
-    key = hashlib.sha256(f"{source_fingerprint(sources)} {RENDER_VERSION}".encode()).hexdigest()
+    key = the sources' fingerprint (names, sizes, times) and RENDER_VERSION; built once.
+    `embedded:sft` is the project's offline SFT set, a JSON Lines file built on first use."""
+    files = [str(embedded_sft_path(cache_dir)) if s == EMBEDDED_SFT else s for s in sources]
+    key = hashlib.sha256(f"{source_fingerprint(files)} {RENDER_VERSION}".encode()).hexdigest()
     path = cache_dir / "mixture-sft" / key[:32] / "rendered.jsonl"
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
             lines = [
                 json.dumps({"text": render_chat(m)}, ensure_ascii=False)
-                for m in sft_messages(sources)
+                for m in load_conversations(files, cache_dir)
             ]
             atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
-
-
-def _sft_file(source: str) -> str:
-    """`embedded:sft` is the project's offline SFT set, a JSON Lines file built on first use."""
-    from trainables.sft_data import EMBEDDED_SFT, embedded_sft_path
-
-    return str(embedded_sft_path()) if source == EMBEDDED_SFT else source
-
-
-def sft_messages(sources: Sequence[str]) -> Iterator[list[dict]]:
-    """The conversations of JSON Lines SFT files (paths, URLs, globs), in order."""
-    for source in map(_sft_file, sources):
-        files = fsspec.open_files(source, mode="rt", compression="infer", encoding="utf-8")
-        if not files:
-            raise CorpusError(f"{source}: no file matches")
-        for of in files:
-            with of as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        yield _conversation(line, f"{of.full_name}, line {number}")
-
-
-def _conversation(line: str, where: str) -> list[dict]:
-    try:
-        return to_messages(json.loads(line))
-    except json.JSONDecodeError as err:
-        raise CorpusError(
-            f"{where}: bad JSON ({err.msg}); expected one SFT record per line"
-        ) from err
-    except ChatFormatError as err:
-        raise CorpusError(f"{where}: {err}") from err

@@ -258,12 +258,14 @@ def checkpoint_folder(path: str | Path) -> Path:
 class _Loop:
     """The step loop's state, split so each phase (step, report, checkpoint) stays short."""
 
-    def __init__(self, cfg, model_cfg, store, rt, model, opt, state, report_every, **options):
+    def __init__(
+        self, cfg, model_cfg, store, rt, model, opt, state, report_every, *, sharded, mixture
+    ):
         self.cfg, self.store, self.rt, self.opt, self.state = cfg, store, rt, opt, state
         self.model_cfg = model_cfg
         self.model = model  # unwrapped (or sharded in place): what is saved and evaluated
-        self.sharded: bool = options.get("sharded", False)
-        self.mixture: Mixture | None = options.get("mixture")
+        self.sharded: bool = sharded  # FSDP2: every rank evaluates and gathers checkpoints
+        self.mixture: Mixture | None = mixture
         self.ddp = model if self.sharded else rt.wrap(model)
         self.amp = autocast_dtype(cfg.precision, rt.device)
         self.schedule = schedule_config(cfg)
