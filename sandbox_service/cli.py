@@ -259,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     from sandbox_service.spec import SpecError
     from sandbox_service.study import StudyError
     from trainables.checkpoint import CheckpointError
+    from trainables.storage_errors import StorageError
 
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SpecError, StudyError, PipelineError, CheckpointError, ValueError) as e:
+    except (SpecError, StudyError, PipelineError, CheckpointError, StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,6 +56,7 @@ def run_pipeline(
 
     echo = echo or functools.partial(print, flush=True)  # progress shows at once, even in a pipe
     url = pipeline_url(spec, root)
+    storage.check_writable(url)  # an unwritable root fails now, not after the first stage
     _claim(spec, url)
     records = {s.name: r for s in spec.stages if (r := _usable_record(url, s)) is not None}
     if len(records) == len(spec.stages):

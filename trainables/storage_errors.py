@@ -93,5 +93,12 @@ def check_writable(folder: str | Path) -> Path:
             os.close(fd)
             Path(probe).unlink(missing_ok=True)
     except OSError as e:
-        raise storage_error(e, path, needed_bytes=5) from e
+        restated = storage_error(e, path, needed_bytes=5)
+        if not isinstance(restated, StorageError):  # e.g. a parent that cannot hold folders
+            restated = StorageError(
+                e.errno,
+                f"{path}: cannot write there ({e.strerror}); choose another storage root",
+                str(path),
+            )
+        raise restated from e
     return path
