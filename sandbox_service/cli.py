@@ -86,6 +86,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not NAME.match(args.study) or ".." in args.study:
         raise ValueError(f"study {args.study!r}: expected a study name (see `sandbox status`)")
     url = storage.join(args.storage, args.study)
+    if storage.exists(storage.join(url, "pipeline.yaml")):
+        from sandbox_service.pipeline import rewrite_report
+
+        print(f"wrote {rewrite_report(url)}")
+        return 0
     if not storage.exists(storage.join(url, "summary.json")):
         raise ValueError(f"{url}: no finished study there (see `sandbox status`)")
     path = write_report(url, wandb_mode=args.wandb_mode)
@@ -213,8 +218,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     pl.add_argument("--verbose", action="store_true", help="stream Ray workers' logs")
     pl.set_defaults(fn=cmd_pipeline)
-    rep = sub.add_parser("report", help="Markdown + PNG report and analysis.json of a study")
-    rep.add_argument("study", help="the study's name (its folder under the storage root)")
+    rep = sub.add_parser(
+        "report", help="a study's Markdown + PNG report and analysis.json, or a pipeline's report"
+    )
+    rep.add_argument("study", help="the study's or pipeline's name (its folder under --storage)")
     _storage_arg(rep)
     rep.add_argument(
         "--wandb-mode",

@@ -80,10 +80,19 @@ def run_pipeline(
 
 
 def _claim(spec: PipelineSpec, url: str) -> None:
+    """Keep the file as first run, its study files as absolute paths so it reloads from here."""
+    import yaml
+
+    from sandbox_service import yaml_safe
+
     copy = storage.join(url, "pipeline.yaml")
-    if not storage.exists(copy):
-        with open(spec.source, encoding="utf-8") as f:
-            storage.write_text(copy, f.read())
+    if storage.exists(copy):
+        return
+    raw = yaml_safe.load(spec.source)
+    for stage in spec.stages:
+        if stage.spec is not None:
+            raw["stages"][stage.name]["spec"] = stage.spec
+    storage.write_text(copy, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
 
 
 def _usable_record(url: str, stage: Stage) -> dict | None:
@@ -127,6 +136,16 @@ def _run_one(spec, stage: Stage, url: str, records: dict, address, wandb_mode, e
 
 def _outputs_line(record: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in record["outputs"].items() if k != "table")
+
+
+def rewrite_report(url: str) -> str:
+    """report.md again from the stage records on disk (`sandbox report PIPELINE`)."""
+    from sandbox_service.pipeline_report import write_pipeline_report
+    from sandbox_service.pipeline_spec import load_pipeline
+
+    spec = load_pipeline(storage.join(url, "pipeline.yaml"))
+    records = {s.name: r for s in spec.stages if (r := read_record(url, s.name)) is not None}
+    return write_pipeline_report(spec, url, records)
 
 
 def write_lineage(spec: PipelineSpec, url: str, records: dict) -> None:

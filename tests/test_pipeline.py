@@ -187,4 +187,10 @@ def _check_outputs(root: Path) -> None:
     assert (
         lineage["stages"][4]["inputs"]["anneal"]["model"] == records["anneal"]["outputs"]["model"]
     )
-    assert "| int4 | gptq |" in (root / "report.md").read_text()
+    report = (root / "report.md").read_text()
+    assert "| int4 | gptq |" in report and "## int4 vs full precision: int4 - dpo" in report
+    (root / "report.md").unlink()
+    from sandbox_service.cli import main
+
+    assert main(["report", "tiny", "--storage", str(root.parent)]) == 0  # from the stored copy
+    assert (root / "report.md").read_text() == report
