@@ -54,6 +54,7 @@ class Unit:
     name: str
     path: str  # the result file
     fingerprint: str
+    model_fingerprint: str  # the weights the fingerprint was planned for
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -129,11 +130,13 @@ def plan_units(
         for task, fp in zip(tasks, task_fps, strict=True):
             path = storage.join(base, f"task-{_slug(task.name)}.k{shots}.json")
             key = [RESULT_VERSION, model_fp, fp, shots, limit]
-            units.append((Unit(model_dir, "task", task.name, path, _hash(key)), task))
+            unit = Unit(model_dir, "task", task.name, path, _hash(key), model_fp)
+            units.append((unit, task))
         for heldout, fp in zip(sets, set_fps, strict=True):
             path = storage.join(base, f"heldout-{_slug(heldout.name)}.json")
             key = [RESULT_VERSION, model_fp, fp]
-            units.append((Unit(model_dir, "heldout", heldout.name, path, _hash(key)), heldout))
+            unit = Unit(model_dir, "heldout", heldout.name, path, _hash(key), model_fp)
+            units.append((unit, heldout))
     return units
 
 
@@ -169,6 +172,11 @@ def evaluate_unit(
         torch.set_num_threads(threads)
     started = time.perf_counter()
     loaded = load_model(unit.model_dir, device)
+    if model_fingerprint(unit.model_dir) != unit.model_fingerprint:  # replaced since planning
+        raise EvalError(
+            f"{unit.model_dir} changed while being evaluated (new weights were saved there); "
+            "rerun to evaluate the new weights"
+        )
     if unit.kind == "task":
         result = score_task(
             loaded.model, loaded.tokenizer, payload, shots=shots, batch_size=batch_size, limit=limit

@@ -116,6 +116,8 @@ def test_a_retrained_model_is_evaluated_anew_and_results_sit_beside_it(tok, tmp_
         record = evaluate_unit(unit, payload, shots=0, limit=2, batch_size=2)
         assert finished(unit) == record
     save_model_dir(folder, micro_model(tok, 5), tok, stage="dpo")
+    with pytest.raises(evaluate.EvalError, match="changed while being evaluated"):
+        evaluate_unit(units[0][0], task, shots=0, limit=2, batch_size=2)  # planned for old weights
     for unit, _ in plan_units([folder], [task], [heldout], None, 0, 2):
         assert finished(unit) is None  # new weights: new fingerprint
 
