@@ -104,6 +104,38 @@ def test_loss_curve_matches_the_golden_record(name):
     assert golden["curve"][-1]["val_loss"] < golden["curve"][0]["val_loss"] - 0.5
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_cross_entropy_equals_the_full_logits_one(monkeypatch, autocast):
+    """Several chunks, ignored targets: loss and gradients as F.cross_entropy on full logits."""
+    from trainables import model
+
+    monkeypatch.setattr(model, "CE_CHUNK_LOGITS", 64 * 500)
+    monkeypatch.setattr(model, "CE_MIN_ROWS", 1)  # 64 rows per chunk: 5 chunks of 300 rows
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 24, generator=gen).requires_grad_()
+    w = (torch.randn(500, 24, generator=gen) * 0.2).requires_grad_()
+    targets = torch.randint(0, 500, (300,), generator=gen)
+    targets[::7] = model.IGNORE_INDEX
+    results = []
+    for loss_fn in (
+        lambda: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(h, w).float(), targets
+        ),
+        lambda: model.linear_cross_entropy(h, w, targets),
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        h_grad, w_grad = torch.autograd.grad(3 * loss, (h, w))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            no_grad_loss = loss_fn()
+        results.append((loss.detach(), no_grad_loss, h_grad, w_grad))
+    (ref, ref_ng, ref_h, ref_w), (got, got_ng, got_h, got_w) = results
+    tol = 2e-2 if autocast else 1e-5  # bf16: the 1/n scale is applied after rounding
+    assert got == pytest.approx(ref.item(), rel=1e-6) and got_ng == pytest.approx(ref_ng.item())
+    assert (got_h - ref_h).abs().max() <= tol * ref_h.abs().max()
+    assert (got_w - ref_w).abs().max() <= tol * ref_w.abs().max()
+
+
 def _record() -> None:
     GOLDEN.mkdir(parents=True, exist_ok=True)
     for name in sorted(CASES):

@@ -175,15 +175,84 @@ class MiniCPM(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         h = self.norm(h) * readout_multiplier(self.cfg)
-        logits = F.linear(h, self.embed_tokens.weight)  # (B, T, V), tied head
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return F.linear(h, self.embed_tokens.weight)  # (B, T, V), tied head
+        return linear_cross_entropy(h.flatten(0, 1), self.embed_tokens.weight, targets.flatten())
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the tied embedding/head (V·d) is counted once, and only if asked."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+
+# --- loss: the tied head and cross-entropy in chunks, never the full (B·T, V) logits ---------
+
+CE_CHUNK_LOGITS = 1 << 21  # logits per chunk (8 MB in fp32) when the vocabulary is small
+# Each chunk adds a rank-`rows` update into the (V, d) head gradient: fewer rows than this and
+# rewriting that gradient per chunk costs more memory traffic than the whole logits would.
+CE_MIN_ROWS = 256
+IGNORE_INDEX = -100  # F.cross_entropy's default, for masked SFT losses
+
+
+def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean over targets != -100 of CE(h @ w.T, targets) in float32 nats, h (N, d), w (V, d).
+
+    The same value as ``F.cross_entropy(F.linear(h, w).float(), targets)`` (the matmul in the
+    autocast dtype when autocast is on, the softmax in float32), computed over row chunks of
+    about CE_CHUNK_LOGITS logits (at least CE_MIN_ROWS rows). With gradients, each chunk's
+    gradient is formed at once (d loss / d logits = softmax − onehot: the fused linear
+    cross-entropy of Liger-Kernel, arXiv 2410.10989), so the logits never outlive their chunk.
+    """
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+        return _LinearCrossEntropy.apply(h, w, targets)
+    with torch.no_grad():
+        return _chunked_ce(h, w, targets, with_grad=False)[0]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def _chunked_ce(h, w, targets, with_grad: bool):
+    """(mean loss, unscaled grad_h, unscaled grad_w); the grads are sums over valid rows."""
+    dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        w_c = w.to(dtype)
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum()
+        loss_sum = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if with_grad else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if with_grad else None
+        rows = max(CE_MIN_ROWS, CE_CHUNK_LOGITS // w.shape[0])
+        for i in range(0, h.shape[0], rows):
+            h_c, valid_c = h[i : i + rows].to(dtype), valid[i : i + rows, None]
+            tgt = targets[i : i + rows].clamp_min(0)[:, None]  # ignored rows are masked below
+            logp = torch.log_softmax(h_c @ w_c.T, dim=-1, dtype=torch.float32)  # (rows, V)
+            loss_sum -= (logp.gather(1, tgt) * valid_c).sum()
+            if with_grad:
+                minus_one = torch.full(tgt.shape, -1.0, device=h.device)
+                g = logp.exp_().scatter_add_(1, tgt, minus_one).to(dtype)  # softmax − onehot
+                grad_h[i : i + rows] = (g @ w_c).to(h.dtype) * valid_c
+                grad_w += g.T @ (h_c * valid_c)  # (V, d), summed in float32 over chunks
+    return loss_sum / n_valid, grad_h, grad_w, n_valid
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Gradients are formed in forward (the loss is a scalar): backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets):
+        loss, grad_h, grad_w, n_valid = _chunked_ce(h, w, targets, with_grad=True)
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid  # d mean / d sum
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.w_dtype), None
 
 
 # --- optimizer ------------------------------------------------------------------------------
