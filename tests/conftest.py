@@ -49,3 +49,17 @@ def small_store(private_cache):
     corpus = SHARED_DATA / "tinyshakespeare.txt"
     source = str(corpus) if corpus.exists() else EMBEDDED
     return prepare(DataConfig(sources=(source,), vocab_size=512, max_chars=300_000))
+
+
+def without_chat_pieces(tok):
+    """`tok` less its reserved chat markers (their ids close up): a tokenizer from elsewhere."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from trainables.tokenizer import CHAT_PIECES, Tokenizer
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    kept = [p for p in proto.pieces if p.piece not in CHAT_PIECES]
+    del proto.pieces[:]
+    proto.pieces.extend(kept)
+    return Tokenizer(proto.SerializeToString(), f"{tok.path}-without-chat")

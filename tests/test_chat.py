@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import without_chat_pieces
 
 from trainables.chat import (
     AI,
@@ -38,7 +39,8 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def base_tok() -> Tokenizer:
-    return Tokenizer.from_file(prepare(DataConfig()).meta["tokenizer"])
+    """A tokenizer without the markers (ours reserve them), as a Llama or Qwen one would be."""
+    return without_chat_pieces(Tokenizer.from_file(prepare(DataConfig()).meta["tokenizer"]))
 
 
 @pytest.fixture(scope="module")

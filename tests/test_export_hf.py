@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import without_chat_pieces
 from safetensors.torch import load_file
 
 from trainables.artifact import load_model_dir, save_model_dir
@@ -205,8 +206,11 @@ def test_the_chat_template_renders_the_projects_ids(tmp_path, tok):
     assert decoded == chat.render_chat(talk)
 
 
-def test_a_tokenizer_without_chat_markers_gets_no_template(exported):
-    assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())
+def test_a_tokenizer_without_chat_markers_gets_no_template(tmp_path, tok, exported):
+    assert "chat_template" in json.loads((exported / "tokenizer_config.json").read_text())
+    plain = without_chat_pieces(tok)  # ours reserve the markers; a foreign tokenizer may not
+    out = export_llama(_model_dir(tmp_path / "m", plain, "micro-32"), tmp_path / "hf")
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
 # --- the folder ---------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def test_special_ids_and_byte_pieces_are_fixed(tok):
     assert tok.vocab_size == VOCAB
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
     assert [tok.piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
-    assert tok.piece(4) == "<0x00>" and tok.piece(259) == "<0xFF>"
+    assert [tok.piece(4), tok.piece(5)] == ["<用户>", "<AI>"]  # the reserved chat markers
+    assert tok.piece(6) == "<0x00>" and tok.piece(261) == "<0xFF>"
 
 
 def test_round_trip_is_exact_in_english_and_chinese(tok):
@@ -65,7 +66,7 @@ def test_round_trip_keeps_whitespace_and_unnormalized_text(tok, text):
 def test_rare_cjk_and_emoji_fall_back_to_utf8_bytes(tok):
     for char in ("𠀋", "😀", "龘"):  # none occurs in the training text
         ids = tok.encode([char])[0]
-        assert ids == [4 + b for b in char.encode("utf-8")]  # byte b is piece 4 + b
+        assert ids == [6 + b for b in char.encode("utf-8")]  # byte b is piece 6 + b
         assert tok.decode(ids) == char
 
 
@@ -138,5 +139,5 @@ def test_from_file_local_and_url(tok, tmp_path):
 def test_too_small_vocab_for_chinese_says_what_to_change(docs, tmp_path):
     with pytest.raises(ValueError, match="decrease character_coverage"):
         train_tokenizer(docs[1], 600, tmp_path)  # default coverage 0.9995
-    with pytest.raises(ValueError, match="must exceed the 260 reserved ids"):
-        train_tokenizer(docs[0], 260, tmp_path)
+    with pytest.raises(ValueError, match="must exceed the 262 reserved ids"):
+        train_tokenizer(docs[0], 262, tmp_path)

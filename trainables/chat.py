@@ -33,10 +33,11 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from torch import nn
 
 from trainables.model import MiniCPM
-from trainables.tokenizer import Tokenizer
+from trainables.tokenizer import CHAT_PIECES, Tokenizer
 
-USER = "<用户>"  # MiniCPM's user marker ("user" in Chinese)
-AI = "<AI>"  # MiniCPM's assistant marker; generation starts right after it
+# MiniCPM's user marker ("user" in Chinese) and assistant marker (generation starts after it).
+# Tokenizers trained here reserve both (tokenizer.CHAT_PIECES); others get them appended.
+USER, AI = CHAT_PIECES
 CHAT_TOKENS = (USER, AI)
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # F.cross_entropy's ignore_index: no loss at this position

@@ -33,7 +33,14 @@ from trainables.corpus import (
     source_fingerprint,
     split_documents,
 )
-from trainables.tokenizer import N_RESERVED, Tokenizer, atomic_write, file_lock, train_tokenizer
+from trainables.tokenizer import (
+    N_RESERVED,
+    RECIPE_VERSION,
+    Tokenizer,
+    atomic_write,
+    file_lock,
+    train_tokenizer,
+)
 from trainables.tokens import STORE_VERSION, TokenStore, build_token_store
 
 log = logging.getLogger(__name__)
@@ -61,8 +68,8 @@ RULES = (
     (
         "vocab_size",
         lambda v: _is_int(v, N_RESERVED + 1) and v <= MAX_VOCAB,
-        f"an integer in {N_RESERVED + 1}..{MAX_VOCAB} (4 special ids and 256 byte pieces come "
-        "first; the most a model's embedding takes)",
+        f"an integer in {N_RESERVED + 1}..{MAX_VOCAB} (4 special ids, 2 chat markers and 256 "
+        "byte pieces come first; the most a model's embedding takes)",
     ),
     ("val_fraction", lambda v: _is_number(v, 0, 1) and v < 1, "a number in (0, 1)"),
     ("tokenizer", lambda v: v is None or _is_name(v), "None or a path/URL of a .model file"),
@@ -134,7 +141,9 @@ def prepare(cfg: DataConfig, cache_dir: str | Path | None = None) -> TokenStore:
 def _index_key(cfg: DataConfig) -> str:
     """The config plus what its files look like now: a changed file means a new key."""
     files = list(cfg.sources) + ([cfg.tokenizer] if cfg.tokenizer else [])
-    return hashlib.sha256(f"{cfg.key()} {source_fingerprint(files)}".encode()).hexdigest()
+    recipe = RECIPE_VERSION if cfg.tokenizer is None else 0  # a given tokenizer is not trained
+    key = f"{cfg.key()} {source_fingerprint(files)} {recipe}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _indexed_store(index: Path) -> TokenStore | None:

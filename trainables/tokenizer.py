@@ -33,7 +33,11 @@ import sentencepiece as spm
 from trainables.corpus import EMBEDDED, iter_documents, update_digest
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-N_RESERVED = 4 + 256  # the special ids above plus the 256 byte-fallback pieces
+# MiniCPM's chat markers ("user", "assistant"), reserved as whole pieces in every tokenizer: SFT
+# data mixed into pretraining or the anneal (facts §4) then uses the ids SFT and chat use later.
+CHAT_PIECES = ("<用户>", "<AI>")
+N_RESERVED = 4 + len(CHAT_PIECES) + 256  # special ids, chat markers, 256 byte-fallback pieces
+RECIPE_VERSION = 2  # bumped when training options change, so caches keyed by configs rebuild
 # SentencePiece drops training sentences longer than max_sentence_length bytes; lines are cut
 # to 1024 characters (at most 4096 UTF-8 bytes) so that no training text is silently skipped.
 TRAIN_LINE_CHARS = 1024
@@ -119,6 +123,7 @@ def train_tokenizer(
         "model_type": model_type,
         "input_sentence_size": input_sentence_size,
         "seed": seed,
+        "user_defined_symbols": list(CHAT_PIECES),
     }
     if vocab_size <= N_RESERVED:
         raise ValueError(f"vocab_size={vocab_size} must exceed the {N_RESERVED} reserved ids")
