@@ -136,6 +136,29 @@ def test_chunked_cross_entropy_equals_the_full_logits_one(monkeypatch, autocast)
     assert (got_w - ref_w).abs().max() <= tol * ref_w.abs().max()
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
+def test_cpu_bf16_attention_is_fp32_attention_rounded(n_kv_heads):
+    """bf16 attention on a CPU runs fp32 kernels: output and gradients within bf16 rounding of
+    fp32 SDPA on the same inputs."""
+    from trainables.model import _CpuBf16Attention
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 4, 16, 8), (2, n_kv_heads, 16, 8), (2, n_kv_heads, 16, 8)]
+    q, k, v = (torch.randn(s, generator=gen).bfloat16().requires_grad_() for s in shapes)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    )
+    grad = torch.randn(ref.shape, generator=gen)
+    y = _CpuBf16Attention.apply(q, k, v)
+    assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 2e-2
+    for got, want in zip(
+        torch.autograd.grad(y, (q, k, v), grad.bfloat16()),
+        torch.autograd.grad(ref, (q, k, v), grad),
+        strict=True,
+    ):
+        assert (got.float() - want).abs().max() < 2e-2 * max(1.0, want.abs().max().item())
+
+
 def _record() -> None:
     GOLDEN.mkdir(parents=True, exist_ok=True)
     for name in sorted(CASES):

@@ -105,10 +105,41 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # default scale 1/sqrt(hs); query head i reads kv head i // (nh / nkv), as HF's repeat_kv
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, nh, T, hs)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = _CpuBf16Attention.apply(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head))
+
+
+class _CpuBf16Attention(torch.autograd.Function):
+    """Causal flash attention for bf16 q, k, v on a CPU, computed in float32.
+
+    PyTorch's CPU flash kernels are about 3x slower in bf16 than in fp32 (forward + backward at
+    micro shapes), so the kernels run on fp32 copies; autograd keeps what the bf16 kernel keeps
+    (bf16 q, k, v and output, fp32 logsumexp), the output in (B, T, nh, hs) memory order as that
+    kernel returns it, so the o-projection reads it without a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, True
+        )
+        B, nh, T, hs = out.shape
+        y = torch.empty(B, T, nh, hs, dtype=q.dtype).transpose(1, 2).copy_(out)
+        ctx.save_for_backward(q, k, v, y, lse)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        q, k, v, y, lse = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_y.float(), q.float(), k.float(), v.float(), y.float(), lse, 0.0, True
+        )
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 
 class MLP(nn.Module):
