@@ -37,7 +37,7 @@ GPUS = {"h100": (989e12, 80), "h200": (989e12, 141), "a100": (312e12, 80)}
 # bytes per parameter: (weights, grads, fp32 master copy, AdamW moments m and v)
 PRECISION_BYTES = {"bf16-mixed": (2, 2, 4, 8), "fp32": (4, 4, 0, 8)}
 BF16, FP32 = 2, 4
-INDEX_BYTES = 16  # int64 token ids and targets
+INDEX_BYTES = 8  # int64 token ids (the embedding's backward keeps them)
 
 
 def spec_model(cfg: PretrainConfig) -> ModelConfig:
@@ -78,16 +78,22 @@ def activation_bytes_per_layer(model: ModelConfig, seq_len: int, micro_batch: in
 
 
 def head_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
-    """The final RMSNorm (8d + 4 as above), the head's bf16 input 2d, cross-entropy's fp32
-    log-softmax 4·V and the int64 ids and targets; V ≫ d makes the log-softmax dominate. The
-    bf16 logits and their fp32 copy are transient (not saved), so the peak is briefly higher."""
-    per_token = 2 * FP32 * model.d_model + FP32 + BF16 * model.d_model + FP32 * model.vocab_size
+    """The final RMSNorm (8d + 4 as above), the head input's gradient 4d that the chunked loss
+    forms in forward (trainables.model.linear_cross_entropy) and the int64 token ids 8. The
+    (tokens, V) logits are never saved: each chunk's live only while it is computed."""
+    per_token = 2 * FP32 * model.d_model + FP32 + FP32 * model.d_model
     return seq_len * micro_batch * (per_token + INDEX_BYTES)
+
+
+def loss_buffer_bytes(model: ModelConfig) -> int:
+    """The fp32 (V, d) head gradient the chunked loss holds from forward to backward."""
+    return FP32 * model.vocab_size * model.d_model
 
 
 def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int) -> int:
     layers = model.n_layers * activation_bytes_per_layer(model, seq_len, micro_batch)
-    return layers + head_activation_bytes(model, seq_len, micro_batch)
+    head = head_activation_bytes(model, seq_len, micro_batch)
+    return layers + head + loss_buffer_bytes(model)
 
 
 def gpu_hours(total_flops: float, mfu: float, peak_flops: float) -> float:
@@ -122,6 +128,7 @@ def plan(cfg: PretrainConfig, mfu: float, peak_flops: float, gpu_memory: float) 
         "activation_bytes": {
             "per_layer": activation_bytes_per_layer(model, cfg.seq_len, cfg.micro_batch_size),
             "head": head_activation_bytes(model, cfg.seq_len, cfg.micro_batch_size),
+            "loss_buffer": loss_buffer_bytes(model),
             "total": act,
             "micro_batch_size": cfg.micro_batch_size,
         },
@@ -190,7 +197,8 @@ def format_plan(p: dict) -> str:
         )
     lines += [
         f"activations per micro-batch of {act['micro_batch_size']}: {_gib(act['per_layer'])} "
-        f"per layer (s·b·(30d + 4d_kv + 8d_ff + 4h + 8) bytes) + head {_gib(act['head'])} = "
+        f"per layer (s·b·(30d + 4d_kv + 8d_ff + 4h + 8) bytes) + head {_gib(act['head'])} + "
+        f"loss buffer {_gib(act['loss_buffer'])} = "
         f"{_gib(act['total'])}",
         f"per worker ({p['num_workers']} workers, bf16-mixed): ddp {_gib(worker['ddp'])} "
         f"(state + activations), fsdp {_gib(worker['fsdp'])} (state / {p['num_workers']} + "
