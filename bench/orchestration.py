@@ -158,14 +158,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=100, help="training steps per trial")
     p.add_argument("--reports", type=int, default=4, help="reports (evaluations) per trial")
     p.add_argument("--checkpoint-every", type=int, default=1, help="the trainer's default: 1")
+    p.add_argument("--runs", nargs="+", default=["reuse", "no-reuse", "wandb"])
     add_out(p, "orchestration")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     info = machine()
     print(describe(info))
     start_ray(SLOTS)
-    runs = [(args.trials, True, "disabled"), (args.small, False, "disabled")]
-    runs.append((args.small, True, "offline"))
+    runs = {
+        "reuse": (args.trials, True, "disabled"),
+        "no-reuse": (args.small, False, "disabled"),
+        "wandb": (args.small, True, "offline"),
+    }
+    runs = [runs[name] for name in args.runs]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as d:
         for n, reuse, wandb in runs:
