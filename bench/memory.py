@@ -8,6 +8,9 @@ reports its memory from /proc/self/smaps_rollup while all N are alive:
 - RSS counts every resident page, shared ones included: each trial's RSS contains the store;
 - USS (private pages) is what a trial owns alone: it must not grow with the store;
 - PSS splits shared pages between the processes using them: the sum of PSS is the real total.
+The store's own mapping is also measured (RSS of train.bin in each trial, PSS summed over
+trials): shared, every trial sees all of it and together they hold it once. (With one trial
+its pages count as private: smaps calls a page private when one process maps it.)
 If the data were copied per trial, USS would hold the store and the total would grow by the
 store's size per trial (the control row does exactly that); shared, the total grows by one
 trial's USS.
@@ -38,6 +41,20 @@ def smaps() -> dict[str, float]:
         key, _, rest = line.partition(":")
         if key in FIELDS:
             out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
+def store_mapping(path: str) -> dict[str, float]:
+    """MB of Rss, Pss and private pages of the mapping(s) of `path` in this process."""
+    out, inside = {"Rss": 0.0, "Pss": 0.0, "Private": 0.0}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = line.endswith(path)
+        elif inside and head[0].rstrip(":") in ("Rss", "Pss"):
+            out[head[0].rstrip(":")] += int(head[1]) / 1024
+        elif inside and head[0] in ("Private_Clean:", "Private_Dirty:"):
+            out["Private"] += int(head[1]) / 1024
     return out
 
 
@@ -85,6 +102,7 @@ def trial(store, steps: int, copy: bool, ready, results) -> None:
     train(cfg, tc, store)
     ready.wait()  # all trials alive at once with the store mapped
     mem = smaps()
+    mem["store"] = store_mapping(str(Path(store.root) / "train.bin"))
     mem["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem["checksum"] = checksum
     results.put(mem)
@@ -113,6 +131,8 @@ def summarize(n: int, mems: list[dict], store_mb: float, copy: bool = False) -> 
         "peak_rss_per_trial": max(m["peak_rss"] for m in mems),
         "uss_per_trial": max(uss),
         "shared_per_trial": max(m["Shared_Clean"] + m["Shared_Dirty"] for m in mems),
+        "store_rss_per_trial": max(m["store"]["Rss"] for m in mems),
+        "store_pss_sum": sum(m["store"]["Pss"] for m in mems),
         "total_pss": sum(m["Pss"] for m in mems),
         "sum_rss": sum(m["Rss"] for m in mems),
         "same_data": len({m["checksum"] for m in mems}) == 1,
@@ -124,8 +144,9 @@ COLUMNS = {
     "trials": "d",
     "store_mb": ",.0f",
     "peak_rss_per_trial": ",.0f",
+    "store_rss_per_trial": ",.0f",
+    "store_pss_sum": ",.0f",
     "uss_per_trial": ",.0f",
-    "shared_per_trial": ",.0f",
     "sum_rss": ",.0f",
     "total_pss": ",.0f",
     "extra_pss_per_trial": ",.0f",

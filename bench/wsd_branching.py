@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from benchlib import add_out, describe, machine, table, write
 
 from sandbox_service.branching import decay_steps
@@ -42,6 +43,7 @@ def run(model_cfg, store, steps: int, schedule: ScheduleConfig, args, **train_kw
         eval_every=EVAL_NEVER,
         eval_tokens=args.eval_tokens,
         checkpoint_every=0,
+        threads=args.threads,
         **train_kw,
     )
     t0 = time.perf_counter()
@@ -105,8 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: as set")
     add_out(p, "wsd-branching")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     print(describe(info))
     store = data.prepare(data.DataConfig(vocab_size=args.vocab, max_chars=4_000_000))
