@@ -8,8 +8,9 @@ return), so with c trial slots and wall time W:
 - overhead share = 1 − Σ trial time / (c·W): the part of the machine's time not spent in trials;
 - in-trial set-up = (Σ trial time − Σ training-step time) / N: config parsing, opening the
   store, evaluation, reporting, checkpoints, W&B, inside the trial.
-Three runs: actors reused (the sandbox's setting), not reused, and reused with W&B offline
-logging from inside each trial, whose reports per second is the result throughput.
+Four runs: actors reused (the sandbox's setting; `--trials`), and with `--small` trials each:
+not reused; reused with W&B offline logging from inside each trial (its reports per second is
+the result throughput); reused without the per-report checkpoints (`checkpoint_every: 0`).
 Targets: ≤ 0.05 s overhead per trial and ≤ 10% of wall time. Ray's own release test accepts
 +14% for 10,000 one-second trials.
 
@@ -53,7 +54,7 @@ def timed_trial(config: dict) -> None:
     out.write_text(json.dumps({"start": t0, "end": t1}))
 
 
-def spec_for(n: int, args, wandb: str):
+def spec_for(n: int, args, wandb: str, checkpoint_every: int):
     return parse_spec(
         {
             "name": f"bench-orchestration-{n}",
@@ -67,7 +68,7 @@ def spec_for(n: int, args, wandb: str):
                 "schedule": {"kind": "wsd", "warmup_steps": 4},
                 "eval_every": max(1, args.steps // args.reports),
                 "eval_tokens": 512,
-                "checkpoint_every": args.checkpoint_every,
+                "checkpoint_every": checkpoint_every,
             },
             "search": {
                 "algorithm": "random",
@@ -92,9 +93,9 @@ def timed_trainable():
         study.tune_trial = original
 
 
-def run(n: int, reuse: bool, wandb: str, args, root: Path) -> dict:
-    spec = spec_for(n, args, wandb)
-    url = str(root / f"{n}-{reuse}-{wandb}")
+def run(n: int, reuse: bool, wandb: str, checkpoint_every: int, args, root: Path) -> dict:
+    spec = spec_for(n, args, wandb, checkpoint_every)
+    url = str(root / f"{n}-{reuse}-{wandb}-{checkpoint_every}")
     times = Path(url) / "times"
     times.mkdir(parents=True)
     runtime = study._runtime(spec, url, wandb) | {
@@ -111,17 +112,16 @@ def run(n: int, reuse: bool, wandb: str, args, root: Path) -> dict:
     t0 = time.perf_counter()
     trials, history = results.tables([grid], spec)
     results.write([grid], spec, url, wall)
-    return measure(n, reuse, wandb, wall, time.perf_counter() - t0, trials, history, times)
+    row = measure(n, wall, time.perf_counter() - t0, trials, history, times)
+    return {"reuse_actors": reuse, "wandb": wandb, "checkpoint_every": checkpoint_every} | row
 
 
-def measure(n, reuse, wandb, wall, write_s, trials, history, times: Path) -> dict:
+def measure(n, wall, write_s, trials, history, times: Path) -> dict:
     spans = [json.loads(p.read_text()) for p in times.glob("*.json")]
     trial_s = sum(s["end"] - s["start"] for s in spans)
     train_s = float(trials["elapsed_s"].sum())
     return {
         "trials": n,
-        "reuse_actors": reuse,
-        "wandb": wandb,
         "completed": int((trials["status"] == "completed").sum()),
         "wall_s": wall,
         "trial_s": trial_s / n,
@@ -139,6 +139,7 @@ COLUMNS = {
     "trials": "d",
     "reuse_actors": "",
     "wandb": "s",
+    "checkpoint_every": "d",
     "completed": "d",
     "wall_s": ",.1f",
     "trial_s": ".3f",
@@ -158,30 +159,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=100, help="training steps per trial")
     p.add_argument("--reports", type=int, default=4, help="reports (evaluations) per trial")
     p.add_argument("--checkpoint-every", type=int, default=1, help="the trainer's default: 1")
-    p.add_argument("--runs", nargs="+", default=["reuse", "no-reuse", "wandb"])
+    p.add_argument("--runs", nargs="+", default=["reuse", "no-reuse", "wandb", "no-checkpoints"])
     add_out(p, "orchestration")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     info = machine()
     print(describe(info))
     start_ray(SLOTS)
+    every = args.checkpoint_every
     runs = {
-        "reuse": (args.trials, True, "disabled"),
-        "no-reuse": (args.small, False, "disabled"),
-        "wandb": (args.small, True, "offline"),
+        "reuse": (args.trials, True, "disabled", every),
+        "no-reuse": (args.small, False, "disabled", every),
+        "wandb": (args.small, True, "offline", every),
+        "no-checkpoints": (args.small, True, "disabled", 0),
     }
     runs = [runs[name] for name in args.runs]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as d:
-        for n, reuse, wandb in runs:
-            rows.append(run(n, reuse, wandb, args, Path(d)))
-            print(
-                f"  {n} trials, reuse {reuse}, W&B {wandb}: {rows[-1]['wall_s']:.1f} s", flush=True
-            )
+        for n, reuse, wandb, every in runs:
+            rows.append(run(n, reuse, wandb, every, args, Path(d)))
+            print(f"  {n} trials: {rows[-1]['wall_s']:.1f} s", flush=True)
     print(
         f"\nmicro-32, {args.steps} steps of 8 x 64 tokens, {args.reports} reports per trial, "
-        f"checkpoint every {args.checkpoint_every} report(s), {SLOTS} trials at a time; "
-        "seconds per trial"
+        f"{SLOTS} trials at a time; seconds per trial"
     )
     print(table(rows, COLUMNS))
     write(args.out, info, rows, args=vars(args) | {"out": str(args.out)})
