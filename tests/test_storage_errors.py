@@ -257,3 +257,32 @@ def test_a_read_only_mount_is_refused_even_for_root(kernel_refusals):
         assert "not writable (Read-only file system" in got["message"]
     got = kernel_refusals["readonly_study"]
     assert got["raised"] == "StudyError" and "cannot start" in got["message"], got
+
+
+def test_an_unwritable_token_cache_is_named_and_the_study_stops_before_ray(
+    tmp_path, monkeypatch, capsys
+):
+    from trainables import data
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = data.DataConfig(vocab_size=512, max_chars=20_000)
+    with pytest.raises(StorageError, match=f"token cache {blocker / 'cache'}: .*not writable"):
+        data.prepare(cfg, cache_dir=blocker / "cache")
+    # An unreadable source is not the cache's fault, even when its error is an OSError.
+    (tmp_path / "a-dir.txt").mkdir()
+    source = data.DataConfig(sources=[str(tmp_path / "a-dir.txt")], vocab_size=512)
+    with pytest.raises(Exception, match="is a folder") as raised:
+        data.prepare(source, cache_dir=tmp_path / "cache")
+    assert not isinstance(raised.value, StorageError)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started although the token cache is unwritable")
+
+    monkeypatch.setattr(study, "init_ray", no_ray)
+    monkeypatch.setenv("SANDBOX_CACHE", str(blocker / "cache"))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(json.dumps(SPEC))
+    assert cli.main(["run", str(spec_path), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start" in err and "token cache" in err and "SANDBOX_CACHE moves it" in err

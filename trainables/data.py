@@ -33,6 +33,7 @@ from trainables.corpus import (
     source_fingerprint,
     split_documents,
 )
+from trainables.storage_errors import StorageError, storage_error
 from trainables.tokenizer import (
     N_RESERVED,
     RECIPE_VERSION,
@@ -114,8 +115,21 @@ def default_cache_dir() -> Path:
 
 
 def prepare(cfg: DataConfig, cache_dir: str | Path | None = None) -> TokenStore:
-    """The token store for `cfg`, built on first use and reused afterwards."""
+    """The token store for `cfg`, built on first use and reused afterwards. A cache that storage
+    refuses (full, read-only, not a folder) raises a StorageError naming it."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        return _prepare(cfg, cache)
+    except OSError as e:
+        error = storage_error(e, cache)
+        elsewhere = e.filename is not None and not str(e.filename).startswith(str(cache))
+        if not isinstance(error, StorageError) or elsewhere:  # e.g. a source that is not there
+            raise
+        hint = "" if cache_dir is not None else "; SANDBOX_CACHE moves it"
+        raise StorageError(e.errno, f"token cache {error}{hint}", str(cache)) from e
+
+
+def _prepare(cfg: DataConfig, cache: Path) -> TokenStore:
     index = cache / "tokens" / "by-config" / f"{_index_key(cfg)}.json"
     if index.exists() and (store := _indexed_store(index)) is not None:
         return store
