@@ -6,9 +6,13 @@
 The command after `--` runs on the cluster as `python -m sandbox_service.cli <command>`, in a
 copy of the working directory uploaded with the job. A `run` command's spec is validated here
 first, with the same `--set` overrides, so a bad file fails in a second and submits nothing.
-`WANDB_API_KEY`, when set in this shell, reaches the job through the runtime environment only:
-it is never printed. Without `--no-wait` the job's logs stream here and the exit status is the
-job's; with it, the job id is printed and the command returns at once.
+Without `--no-wait` the job's logs stream here and the exit status is the job's; with it, the
+job id is printed and the command returns at once.
+
+No variable of this shell travels with the job unless named with `--env NAME`: Ray writes a job's
+runtime environment, values included, to `runtime_env_agent.log` on the node that runs it, so a
+key passed that way sits in that node's logs. Give the cluster its keys as Secrets instead
+(`WANDB_API_KEY` from a Kubernetes Secret in the KubeRay manifests; see docs/cluster.md).
 
 Clusters with token authentication (the default since Ray 2.59) need `RAY_AUTH_MODE=token` in
 this shell and the cluster's token in `RAY_AUTH_TOKEN`, the file named by `RAY_AUTH_TOKEN_PATH`,
@@ -26,8 +30,6 @@ from pathlib import Path
 
 from sandbox_service.spec import SpecError, load_spec
 
-# Environment variables passed to the job when set here; their values are never printed.
-FORWARDED_ENV = ("WANDB_API_KEY",)
 # Never uploaded with the working directory: local studies, caches and the repository's history.
 UPLOAD_EXCLUDES = [".git", "sandbox_runs", ".venv", "venv", "__pycache__", "*.egg-info"]
 POLL_S = 1.0
@@ -54,6 +56,14 @@ def add_parser(subparsers) -> None:
         default="python",
         help="the interpreter on the cluster (jobs run with the head node's PATH)",
     )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this shell's variable NAME to the job (repeatable; Ray logs its value on the "
+        "node that runs the job: prefer a Secret on the cluster)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then a sandbox command")
     p.set_defaults(fn=cmd_submit)
 
@@ -69,11 +79,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     try:
         validate(command, args.working_dir)
+        runtime_env = build_runtime_env(args.working_dir, os.environ, args.env)
     except SpecError as e:
         print(f"error: {e} (nothing submitted)", file=sys.stderr)
         return 2
+    if runtime_env["env_vars"]:
+        print(
+            f"warning: {', '.join(sorted(runtime_env['env_vars']))} passed in the job's runtime "
+            "environment: Ray writes it, values included, to runtime_env_agent.log on the node "
+            "that runs the job",
+            file=sys.stderr,
+        )
     entrypoint = build_entrypoint(command, args.python)
-    runtime_env = build_runtime_env(args.working_dir, os.environ)
     client = _client(args.address)
     print(f"submitting: {entrypoint}")
     print(f"runtime_env: {describe_runtime_env(runtime_env)}")
@@ -103,8 +120,13 @@ def build_entrypoint(command: list[str], python: str = "python") -> str:
     return shlex.join([python, "-m", "sandbox_service.cli", *command])
 
 
-def build_runtime_env(working_dir: str, environ) -> dict:
-    env_vars = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+def build_runtime_env(working_dir: str, environ, names=()) -> dict:
+    """The job's runtime env: the working directory, and the variables `names` from `environ`
+    (SpecError for a name that is not set there, so that a typo does not run a job without it)."""
+    missing = [name for name in names if not environ.get(name)]
+    if missing:
+        raise SpecError(f"--env {', '.join(missing)}: not set in this shell")
+    env_vars = {name: environ[name] for name in names}
     return {"working_dir": working_dir, "excludes": list(UPLOAD_EXCLUDES), "env_vars": env_vars}
 
 

@@ -119,7 +119,7 @@ def test_good_spec_becomes_the_job_without_printing_secrets(
     monkeypatch.setenv("WANDB_API_KEY", secret)
     rel = write_spec(tmp_path)
     command = ["run", rel, "--storage", "s3://bucket/runs", "--set", "train.lr=0.02"]
-    argv = ["submit", "--address", "http://head:8265", "--no-wait"]
+    argv = ["submit", "--address", "http://head:8265", "--no-wait", "--env", "WANDB_API_KEY"]
     argv += ["--working-dir", str(tmp_path), "--", *command]
     assert submit.cmd_submit(parse(argv)) == 0
     (client,) = fake_client.instances
@@ -134,7 +134,25 @@ def test_good_spec_becomes_the_job_without_printing_secrets(
     out = capsys.readouterr()
     assert secret not in out.out + out.err
     assert "WANDB_API_KEY" in out.out and "raysubmit_fake123" in out.out
+    assert "runtime_env_agent.log" in out.err, "passing a key warns where Ray logs it"
     assert client.polls == 0, "--no-wait returns without following the job"
+
+
+def test_no_variable_travels_unless_named_and_a_named_one_must_be_set(
+    fake_client, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-0123456789abcdef")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-0123456789")
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    assert submit.cmd_submit(parse(["submit", "--no-wait", "--", "status"])) == 0
+    ((_, kwargs),) = fake_client.instances[0].calls
+    assert kwargs["runtime_env"]["env_vars"] == {}
+    assert "warning" not in capsys.readouterr().err
+    argv = ["submit", "--no-wait", "--env", "WANDB_API_KEY", "--env", "NOT_SET_HERE", "--"]
+    assert submit.cmd_submit(parse([*argv, "status"])) == 2
+    assert len(fake_client.instances) == 1, "nothing submitted"
+    err = capsys.readouterr().err
+    assert "--env NOT_SET_HERE: not set in this shell" in err and "wandb-key" not in err
 
 
 def test_no_key_no_env_vars_and_other_commands_pass_unvalidated(fake_client, monkeypatch):
