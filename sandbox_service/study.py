@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
-from sandbox_service import branching, results, status, storage
+from sandbox_service import branching, credentials, results, status, storage
 from sandbox_service.spec import Distribution, StudySpec, set_path
 from trainables import data
 from trainables.dictconfig import to_dict
 from trainables.tracking import resolve_mode
 from trainables.trial import parse_trial_config, tune_trial
-
-# Ray Tune copies these from the driver's environment into every trial actor's runtime env
-# (ray/tune/execution/class_cache.py in Ray 2.60); Ray writes a runtime env, values included, to
-# runtime_env_agent.log in each node's session logs and shows it in the dashboard.
-TUNE_COPIED_CREDENTIALS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SECURITY_TOKEN",
-    "AWS_SESSION_TOKEN",
-)
 
 
 class StudyError(RuntimeError):
@@ -59,15 +48,15 @@ def run_study(
     except storage.StorageError as e:
         raise StudyError(f"study {spec.name} cannot start: {e}") from e
     runtime = _runtime(spec, url, wandb_mode) | {"token_store": store_root}
-    warn_copied_credentials(os.environ)
     init_ray(address, num_cpus)
     started = time.time()
     status.mark_running(url)
     try:
-        grids = [fit_phase(spec, url, main_phase(spec, runtime), verbose)]
-        if spec.branching is not None:
-            decay = decay_phase(spec, runtime, grids[0])
-            grids.append(fit_phase(spec, url, decay, verbose))
+        with credentials.kept_from_trials():
+            grids = [fit_phase(spec, url, main_phase(spec, runtime), verbose)]
+            if spec.branching is not None:
+                decay = decay_phase(spec, runtime, grids[0])
+                grids.append(fit_phase(spec, url, decay, verbose))
     finally:
         status.clear_running(url)
     try:
@@ -171,22 +160,6 @@ def prepare_data(spec: StudySpec) -> str:
         f"{cfg.train.total_steps(cfg.model)} steps x {cfg.train.tokens_per_step} tokens/step"
     )
     return str(store.root)
-
-
-def warn_copied_credentials(environ) -> list[str]:
-    """Name (never print) the credentials Ray Tune will copy into every trial's runtime env,
-    where Ray logs them in plain text; returns the names found."""
-    names = [name for name in TUNE_COPIED_CREDENTIALS if environ.get(name)]
-    if names:
-        print(
-            f"warning: {', '.join(names)} set here: Ray Tune copies them into every trial's "
-            "runtime environment, which Ray writes in plain text to runtime_env_agent.log in "
-            "each node's Ray session logs and shows in its dashboard. Give the nodes their own "
-            "credentials instead (instance profile, IRSA, a credentials file); see "
-            "docs/cluster.md",
-            file=sys.stderr,
-        )
-    return names
 
 
 def _runtime(spec: StudySpec, url: str, wandb_mode: str | None) -> dict:

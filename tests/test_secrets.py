@@ -7,10 +7,9 @@ a tiny pretrain on Ray Train (W&B offline). Every file written (configs, Tune an
 results, summary.json, checkpoints' state.json, W&B offline runs, Ray's logs) and the process's
 own output are then searched for each secret's value.
 
-One exposure is Ray's, not ours, and is pinned here so that it cannot grow unnoticed: Ray Tune
-copies the AWS variables (only those) from the driver into each trial actor's runtime env, and
-Ray writes runtime envs verbatim to `runtime_env_agent.log` in its session logs. The driver warns
-about it by name (study.warn_copied_credentials) and docs/cluster.md says what to do instead.
+Ray's own logs are searched too: Ray Tune would copy the AWS variables from the driver into each
+trial actor's runtime env, which Ray writes verbatim to `runtime_env_agent.log`; the study runs
+its Tuner with them kept out (`sandbox_service.credentials`), so they are not there either.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_service.study import TUNE_COPIED_CREDENTIALS, warn_copied_credentials
+from sandbox_service import credentials
+from sandbox_service.credentials import LET_TUNE_COPY, TUNE_COPIED_CREDENTIALS, kept_from_trials
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = {  # the names cloud SDKs and W&B read; each value unique and easy to find
@@ -151,28 +151,59 @@ def test_no_credential_reaches_any_written_file(tmp_path, capsys):
         n_files = sum(1 for root in (tmp_path, ray_tmp) for p in root.rglob("*") if p.is_file())
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    ray_runtime_env_log = {
-        name: paths
-        for name, paths in leaks.items()
-        if name in TUNE_COPIED_CREDENTIALS
-        and all(Path(p).name == "runtime_env_agent.log" for p in paths)
-    }
-    others = {k: v for k, v in leaks.items() if k not in ray_runtime_env_log}
-    assert others == {}, f"credentials found in written files: {others}"
-    copied = [name for name in TUNE_COPIED_CREDENTIALS if name in SECRETS]
-    assert f"warning: {', '.join(copied)} set here" in out
+    assert leaks == {}, f"credentials found in written files: {leaks}"
+    kept = [name for name in TUNE_COPIED_CREDENTIALS if name in SECRETS]
+    assert f"note: {', '.join(kept)} are not copied into trials' runtime environments" in out
     with capsys.disabled():
         print(
-            f"\nsecrets: {len(SECRETS)} values searched in {n_files} written files: none in "
-            f"ours; Ray's runtime_env_agent.log holds {sorted(ray_runtime_env_log)}"
+            f"\nsecrets: {len(SECRETS)} values searched in {n_files} written files, Ray's logs "
+            "included: none found"
         )
 
 
-def test_the_warning_names_credentials_and_never_prints_them(capsys):
-    assert warn_copied_credentials({"HF_TOKEN": "x", "WANDB_API_KEY": "y"}) == []
-    assert capsys.readouterr().err == ""
-    names = warn_copied_credentials(SECRETS)
+def _runtime_env_of_a_trial_actor() -> dict:
+    """The runtime env Ray Tune gives a trainable's actor class (as Tune builds it in Ray 2.60)."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    class Trainable:
+        pass
+
+    return _ActorClassCache().get(Trainable)._default_options["runtime_env"]
+
+
+def test_tune_starts_trials_without_the_drivers_aws_credentials(monkeypatch, capsys):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(LET_TUNE_COPY, raising=False)
+    assert set(TUNE_COPIED_CREDENTIALS) & set(_runtime_env_of_a_trial_actor()["env_vars"])
+    with kept_from_trials() as kept:
+        env_vars = _runtime_env_of_a_trial_actor()["env_vars"]
+    assert kept == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
+    assert not set(env_vars) & set(SECRETS), env_vars
+    assert env_vars, "Tune's other variables still travel"
+    # Ray's list is restored afterwards, and an error inside the block restores it too.
+    assert set(TUNE_COPIED_CREDENTIALS) <= _tune_list()
+    with pytest.raises(KeyError), kept_from_trials():
+        raise KeyError("inside")
+    assert set(TUNE_COPIED_CREDENTIALS) <= _tune_list()
     err = capsys.readouterr().err
+    assert "AWS_SESSION_TOKEN" in err and not any(v in err for v in SECRETS.values())
+
+
+def _tune_list() -> set:
+    from ray.tune.execution import class_cache
+
+    return set(class_cache.ENV_VARS_TO_PROPAGATE)
+
+
+def test_letting_tune_copy_them_warns_by_name_and_never_prints_them(monkeypatch, capsys):
+    with kept_from_trials({"HF_TOKEN": "x", "WANDB_API_KEY": "y"}) as kept:
+        assert kept == []
+    assert capsys.readouterr().err == ""
+    with kept_from_trials(SECRETS | {LET_TUNE_COPY: "1"}) as kept:
+        assert kept == [] and set(TUNE_COPIED_CREDENTIALS) <= _tune_list()
+    err = capsys.readouterr().err
+    names = credentials.set_credentials(SECRETS)
     assert names == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
-    assert all(name in err for name in names) and "runtime_env_agent.log" in err
-    assert not any(value in err for value in SECRETS.values())
+    assert err.startswith("warning:") and all(name in err for name in names)
+    assert "runtime_env_agent.log" in err and not any(v in err for v in SECRETS.values())
