@@ -1,33 +1,68 @@
-"""The GPU benchmark script stays runnable: a CPU smoke run of its eager path."""
+"""The benchmark scripts stay runnable: a seconds-long smoke run of each one that needs no Ray.
+
+Their numbers are not checked here (benchmarks are not timed tests); only that each prints its
+table and writes its JSON. The Ray benchmarks (orchestration, search efficiency) run studies of
+minutes and are left to `python bench/<name>.py`.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import json
+import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_mfu.py"
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    """The script as a module of its own name, importable again by a spawned child process."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import `benchlib` from beside themselves
+    module = importlib.import_module(name)
+    assert Path(module.__file__).parent == BENCH, module.__file__
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    """The scripts set torch's thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
 
 
 def test_gpu_mfu_script_runs_on_cpu(capsys):
-    spec = importlib.util.spec_from_file_location("gpu_mfu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    args = [
-        "--device",
-        "cpu",
-        "--sizes",
-        "micro-32",
-        "--seq",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--no-compile",
-        "--peak-n",
-        "256",
-    ]
-    rows = module.main(args)
+    args = ["--device", "cpu", "--sizes", "micro-32", "--seq", "32", "--batch", "2"]
+    rows = load("gpu_mfu").main([*args, "--steps", "1", "--no-compile", "--peak-n", "256"])
     assert [r["model"] for r in rows] == ["micro-32"]
     assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["mfu"] < 1
     assert "| micro-32 | no |" in capsys.readouterr().out
+
+
+def test_throughput_compares_the_trainer_with_the_reference(tmp_path, keep_threads, capsys):
+    out = tmp_path / "throughput.json"
+    args = ["--sizes", "micro-32", "--precisions", "fp32", "--batch", "2", "--seq", "32"]
+    rows = load("throughput").main([*args, "--windows", "1", "--out", str(out)])
+    (row,) = rows
+    assert row["tokens_per_s"] > 0 and row["reference_tokens_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["tokens_per_s"] / row["reference_tokens_per_s"])
+    assert json.loads(out.read_text())["rows"][0]["model"] == "micro-32"
+    assert "| micro-32 |" in capsys.readouterr().out
+
+
+def test_step_time_counts_cpu_seconds(tmp_path, keep_threads):
+    out = tmp_path / "step.json"
+    args = ["--sizes", "micro-32", "--precisions", "fp32", "--batch", "2", "--seq", "32"]
+    (row,) = load("step_time").main([*args, "--steps", "2", "--out", str(out)])
+    assert row["cpu_s_per_step"] > 0 and out.exists()
+
+
+def test_memory_measures_trials_sharing_one_store(tmp_path):
+    out = tmp_path / "memory.json"
+    args = ["--trials", "1", "--store-mb", "4", "--steps", "1", "--control", "0"]
+    (row,) = load("memory").main([*args, "--out", str(out)])
+    assert row["trials"] == 1 and row["store_rss_per_trial"] == pytest.approx(4, abs=1)
