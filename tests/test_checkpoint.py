@@ -212,7 +212,7 @@ def test_optimizer_file_cannot_run_code_even_with_a_valid_manifest(saved):
     torch.save({"state": {}, "param_groups": [], "payload": _RunsCodeWhenUnpickled()}, path)
     manifest_path = saved / checkpoint.MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"][path.name] = checkpoint._seal(path)
+    manifest["files"][path.name] = checkpoint.seal(path)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: does not fit AdamW"):
         load_checkpoint(saved, *make_run(seed=0))

@@ -99,6 +99,15 @@ def test_errors_name_the_file_the_line_and_the_field(tmp_path, record, message):
         load_pairs(src)
 
 
+def test_missing_files_folders_and_empty_globs_are_preference_errors(tmp_path):
+    with pytest.raises(PreferenceDataError, match=r"nope\.jsonl: no such file \(preference source"):
+        load_pairs(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(PreferenceDataError, match="is a folder, not a file"):
+        load_pairs(str(tmp_path))
+    with pytest.raises(PreferenceDataError, match="no file matches this glob"):
+        load_pairs(str(tmp_path / "*.jsonl"))
+
+
 def test_bad_json_is_refused_with_its_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": \n')

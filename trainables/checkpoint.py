@@ -99,8 +99,8 @@ def save_checkpoint(
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
         _write_files(staging, model, optimizer, state)
-        _swap_into_place(staging, dest)
-        _fsync_dir(dest.parent)
+        swap_into_place(staging, dest)
+        fsync_dir(dest.parent)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         needed = state_bytes(model, optimizer) + sum(map(len, (extra_files or {}).values()))
@@ -128,11 +128,11 @@ def _write_files(
         with open(folder / OPTIMIZER_FILE, "wb") as f:
             torch.save(optimizer.state_dict(), f)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
-    files = {path.name: _seal(path) for path in sorted(folder.iterdir())}
+    files = {path.name: seal(path) for path in sorted(folder.iterdir())}
     manifest = {"format_version": FORMAT_VERSION, "files": files}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _seal(folder / MANIFEST_FILE)
-    _fsync_dir(folder)
+    seal(folder / MANIFEST_FILE)
+    fsync_dir(folder)
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -146,7 +146,7 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
-def _seal(path: Path) -> dict[str, Any]:
+def seal(path: Path) -> dict[str, Any]:
     """Flush `path` to disk and return its manifest record {sha256, bytes}."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -156,7 +156,7 @@ def _seal(path: Path) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # Without this a power cut can lose the rename even though the files were flushed.
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -195,7 +195,7 @@ def _check_json(value: Any, where: str) -> None:
 # --- atomic replacement -------------------------------------------------------------------------
 
 
-def _swap_into_place(new: Path, dest: Path) -> None:
+def swap_into_place(new: Path, dest: Path) -> None:
     """Put the finished folder `new` at `dest`; readers see the old checkpoint or the new one."""
     if not dest.exists():
         os.replace(new, dest)
@@ -280,7 +280,7 @@ def _verify_file(folder: Path, name: str, record: dict) -> None:
             f"{path}: {size} bytes where {MANIFEST_FILE} records {record.get('bytes')}: "
             "the file is truncated or was changed after saving"
         )
-    actual = _seal(path)["sha256"]
+    actual = seal(path)["sha256"]
     expected = str(record.get("sha256"))
     if actual != expected:
         raise CheckpointError(

@@ -87,22 +87,25 @@ def _source_docs(source: str, fmt: str, text_field: str) -> Iterator[str]:
     if source == EMBEDDED:
         yield from embedded_corpus_docs()
         return
-    for of in _expand(source):
+    for of in expand_files(source):
         yield from _file_docs(of, of.full_name, _file_format(of.full_name, fmt), text_field)
 
 
-def _expand(source: str) -> list[fsspec.core.OpenFile]:
-    """The files a path, URL or glob names; a missing file or an empty glob is an error."""
+def expand_files(
+    source: str, error: type[Exception] = CorpusError, kind: str = "source"
+) -> list[fsspec.core.OpenFile]:
+    """The files a path, URL or glob names (any fsspec protocol, compression from the suffix);
+    a missing file, a folder or an empty glob raises `error`, naming the `kind` of source."""
     files = fsspec.open_files(source, mode="rb", compression="infer")
     if not files:
-        raise CorpusError(f"{source}: no file matches this glob")
+        raise error(f"{source}: no file matches this glob")
     if not has_magic(source) and not files[0].fs.isfile(files[0].path):  # globs match files only
         of = files[0]
         what = "is a folder, not a file" if of.fs.isdir(of.path) else "no such file"
-        raise CorpusError(f"{of.full_name}: {what} (source {source!r})")
+        raise error(f"{of.full_name}: {what} ({kind} {source!r})")
     for of in files:
         if of.path.endswith(".zst") and of.compression is None:
-            raise CorpusError(f"{of.full_name}: .zst needs the `zstandard` package; install it")
+            raise error(f"{of.full_name}: .zst needs the `zstandard` package; install it")
     return files
 
 
@@ -256,7 +259,7 @@ def _describe(source: str) -> list:
     if source == EMBEDDED:
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in stdlib_files()]
         return [sys.version, stats]
-    return [of.fs.info(of.path) for of in _expand(source)]
+    return [of.fs.info(of.path) for of in expand_files(source)]
 
 
 def update_digest(digest: Any, doc: str) -> int:

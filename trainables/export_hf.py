@@ -215,11 +215,11 @@ def export_llama(model_dir: str | Path, out: str | Path, *, dtype: str = "float3
     staging.mkdir()
     try:
         _write_folder(staging, loaded.model, loaded.tokenizer, dtype, _provenance(loaded))
-        ckpt._swap_into_place(staging, dest)
+        ckpt.swap_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    ckpt._fsync_dir(dest.parent)
+    ckpt.fsync_dir(dest.parent)
     return dest
 
 
@@ -241,7 +241,7 @@ def _write_folder(
         (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     (folder / "tokenizer.model").write_bytes(tokenizer.model_bytes)
     for path in folder.iterdir():
-        ckpt._seal(path)  # flush before the rename makes the folder visible
+        ckpt.seal(path)  # flush before the rename makes the folder visible
 
 
 def _provenance(loaded: LoadedModel) -> dict[str, Any]:

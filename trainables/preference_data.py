@@ -38,7 +38,7 @@ import numpy as np
 
 from trainables.chat import ROLES, ChatFormatError, check_messages, parse_transcript
 from trainables.corpus import EMBEDDED as STDLIB
-from trainables.corpus import _expand, is_validation, source_fingerprint, stdlib_files
+from trainables.corpus import expand_files, is_validation, source_fingerprint, stdlib_files
 from trainables.data import default_cache_dir
 from trainables.tokenizer import atomic_write, file_lock
 
@@ -84,7 +84,7 @@ def iter_pairs(
         raise PreferenceDataError(f"no sources given; pass paths, URLs, globs or {EMBEDDED!r}")
     for source in items:
         path = str(embedded_path(cache_dir)) if source == EMBEDDED else source
-        for of in _expand(path):
+        for of in expand_files(path, PreferenceDataError, "preference source"):
             yield from _file_pairs(of)
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
-from fsspec.core import has_magic
 
 from trainables.chat import (
     CHAT_TOKENS,
@@ -48,7 +47,13 @@ from trainables.chat import (
     encode_chat,
     to_messages,
 )
-from trainables.corpus import EMBEDDED, is_validation, source_fingerprint, stdlib_files
+from trainables.corpus import (
+    EMBEDDED,
+    expand_files,
+    is_validation,
+    source_fingerprint,
+    stdlib_files,
+)
 from trainables.data import DataConfig, default_cache_dir, prepare
 from trainables.tokenizer import Tokenizer, atomic_write, file_lock
 
@@ -75,18 +80,9 @@ def load_conversations(
     conversations = []
     for source in items:
         path = str(embedded_sft_path(cache_dir)) if source == EMBEDDED_SFT else source
-        for of in _expand(path):
+        for of in expand_files(path, SFTDataError, "SFT source"):
             conversations += _read_jsonl(of)
     return conversations
-
-
-def _expand(source: str) -> list[fsspec.core.OpenFile]:
-    files = fsspec.open_files(source, mode="rb", compression="infer")
-    if not files:
-        raise SFTDataError(f"{source}: no file matches this glob")
-    if not has_magic(source) and not files[0].fs.isfile(files[0].path):
-        raise SFTDataError(f"{files[0].full_name}: no such file (SFT source {source!r})")
-    return files
 
 
 def _read_jsonl(of: fsspec.core.OpenFile) -> list[list[dict]]:
