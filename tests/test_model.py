@@ -11,6 +11,7 @@ from trainables.model import (
     build_optimizer,
     param_groups,
     rope_tables,
+    segment_mask,
     set_lr,
 )
 from trainables.shapes import embedding_params, micro, non_embedding_params
@@ -90,6 +91,37 @@ def test_causal():
         a, b = model(tokens), model(changed)
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5, rtol=0)
     assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_documents_with_segments_are_computed_as_if_alone(dtype):
+    """Three documents packed in one row (the last one padding-like): with segment ids each
+    position's logits are those of its document run alone, whatever was packed before it."""
+    cfg = micro(128, n_kv_heads=2, vocab_size=256)
+    model, row = _model(cfg), _tokens(256, batch=1, seq=24)
+    bounds = [(0, 7), (7, 16), (16, 24)]
+    segments = torch.tensor([[i for i, (a, b) in enumerate(bounds) for _ in range(a, b)]])
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        packed = model(row, segments=segments).float()
+        alone = [model(row[:, a:b]).float() for a, b in bounds]
+        plain = model(row).float()
+    for (a, b), logits in zip(bounds, alone, strict=True):
+        assert torch.allclose(packed[:, a:b], logits, atol=tol, rtol=0), (a, b)
+    assert torch.allclose(plain[:, :7], alone[0], atol=tol, rtol=0)  # the first is alone anyway
+    assert not torch.allclose(plain[:, 7:16], alone[1], atol=1e-2), "without segments, it sees A"
+    # a single segment is the plain causal model
+    with torch.no_grad():
+        one = model(row, segments=torch.zeros_like(row))
+        assert torch.allclose(one, model(row), atol=1e-5, rtol=0)
+
+
+def test_segment_mask_is_causal_and_block_diagonal():
+    mask = segment_mask(torch.tensor([[0, 0, 1, 1, 1]]))[0, 0]
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    ).bool()
+    assert torch.equal(mask, expected)
 
 
 def test_rope_is_hf_rotate_half_and_relative():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import random
 
 import numpy as np
@@ -215,6 +216,21 @@ def test_run_sft_lowers_the_held_out_response_loss(tmp_path, init_dir, sft_jsonl
     # a finished stage is skipped: same metrics, no training, no reports
     assert run_sft(cfg, init_dir, str(tmp_path / "out"), report=reports.append) == metrics
     assert len(reports) == 3
+
+
+def test_per_conversation_attention_trains_and_scores_each_conversation_alone(
+    tmp_path, init_dir, sft_jsonl
+):
+    cfg = SFTConfig(sources=(sft_jsonl,), steps=10, eval_every=10, **SMALL)
+    masked = dataclasses.replace(cfg, per_conversation_attention=True)
+    plain = run_sft(cfg, init_dir, str(tmp_path / "plain"))
+    alone = run_sft(masked, init_dir, str(tmp_path / "masked"))
+    # The same start, data and batches; only what each packed conversation may attend to differs.
+    assert alone["val_loss_init"] != plain["val_loss_init"]
+    assert math.isfinite(alone["val_loss"]) and alone["val_loss"] < alone["val_loss_init"] - 0.5
+    assert load_model_dir(tmp_path / "masked").state["stage"] == "sft"
+    with pytest.raises(ValueError, match="per_conversation_attention='yes'.*true or false"):
+        SFTConfig(per_conversation_attention="yes")
 
 
 class _Killed(Exception):

@@ -97,7 +97,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.d_head).transpose(1, 2)  # (B, T, n·hs) -> (B, n, T, hs)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal self-attention; `mask` (B, 1, T, T) bool, True = may attend, replaces the plain
+        causal mask (see `segment_mask`)."""
         B, T, _ = x.shape
         q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, nh, T, hs)
         k = self._split_heads(self.k_proj(x), self.n_kv_heads)  # (B, nkv, T, hs)
@@ -105,13 +113,27 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # default scale 1/sqrt(hs); query head i reads kv head i // (nh / nkv), as HF's repeat_kv
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        elif q.device.type == "cpu" and q.dtype == torch.bfloat16:
             y = _CpuBf16Attention.apply(q, k, v)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
             )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head))
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) bool: query i may attend to key j iff j <= i and both
+    lie in the same segment; the block-diagonal causal mask of packed documents. RoPE scores
+    depend only on j − i, so a document packed after others is attended to exactly as alone."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
 
 
 class _CpuBf16Attention(torch.autograd.Function):
@@ -163,9 +185,15 @@ class Block(nn.Module):
         # MiniCPM's depth scaling keeps the residual stream's growth independent of L
         self.residual_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         s = self.residual_scale  # h + branch · s as one fused op
-        h = torch.add(h, self.self_attn(self.input_layernorm(h), cos, sin), alpha=s)
+        h = torch.add(h, self.self_attn(self.input_layernorm(h), cos, sin, mask), alpha=s)
         return torch.add(h, self.mlp(self.post_attention_layernorm(h)), alpha=s)
 
 
@@ -193,18 +221,26 @@ class MiniCPM(nn.Module):
             else:
                 p.normal_(0.0, emb_std if name == "embed_tokens.weight" else hidden_std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V); with targets (B, T) the mean float32 CE in nats/token.
 
         Targets equal to -100 are ignored (F.cross_entropy's default), for masked SFT losses.
+        `segments` (B, T) ints, non-decreasing along a row: a position attends only to earlier
+        positions of its own segment (packed documents that do not see each other).
         """
         T = idx.shape[1]
         if self.cfg.max_seq_len < T:
             raise ValueError(f"sequence length {T} > max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None if segments is None else segment_mask(segments.to(idx.device))
         h = self.embed_tokens(idx) * self.cfg.scale_emb  # (B, T, d)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         h = self.norm(h) * readout_multiplier(self.cfg)
         if targets is None:
             return F.linear(h, self.embed_tokens.weight)  # (B, T, V), tied head

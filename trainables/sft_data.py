@@ -12,9 +12,11 @@ Conversations are split train/validation by content hash (`corpus.is_validation`
 the chat template and packed next-fit into rows of seq_len + 1 tokens; a row trains on inputs
 row[:-1] and targets labels[1:]. Each conversation's first token (<s>) carries label -100, so no
 response ever predicts the start of the next conversation. Attention is causal over the whole
-row: a packed conversation can attend to the ones before it in its row, and its RoPE positions
-continue from them. That is the cheap kind of packing (no per-document mask, one dense causal
-attention); the template's <s> and markers make each boundary visible to the model.
+row by default: a packed conversation can attend to the ones before it in its row, and its RoPE
+positions continue from them. That is the cheap kind of packing (one fused causal kernel); the
+template's <s> and markers make each boundary visible to the model. With
+`SFTConfig.per_conversation_attention` each conversation attends only to itself (a block-diagonal
+causal mask from its <s>; RoPE is relative, so it is then computed exactly as if alone).
 
 Rows are shuffled once per epoch by a generator seeded with (seed, epoch): the batch of a step is
 a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -290,6 +292,7 @@ def batch_rows(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray
 class SFTData:
     train: Packed
     val: Packed
+    bos_id: int  # the <s> that starts every packed conversation
 
     def batch(self, batch_size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of the training batch at `step`, each (batch_size, seq_len)."""
@@ -329,7 +332,7 @@ def build_sft_data(
         )
     random.Random(seed).shuffle(train)
     packs = [pack([encode_chat(tok, m) for m in s], seq_len, tok.pad_id) for s in (train, val)]
-    return SFTData(*packs)
+    return SFTData(*packs, bos_id=tok.bos_id)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
