@@ -69,6 +69,7 @@ def spec_for(n: int, args, wandb: str, checkpoint_every: int):
                 "eval_every": max(1, args.steps // args.reports),
                 "eval_tokens": 512,
                 "checkpoint_every": checkpoint_every,
+                "checkpoint_min_s": args.checkpoint_min_s,
             },
             "search": {
                 "algorithm": "random",
@@ -159,6 +160,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=100, help="training steps per trial")
     p.add_argument("--reports", type=int, default=4, help="reports (evaluations) per trial")
     p.add_argument("--checkpoint-every", type=int, default=1, help="the trainer's default: 1")
+    p.add_argument(
+        "--checkpoint-min-s",
+        type=float,
+        default=0.0,
+        help="train.checkpoint_min_s: seconds between a trial's checkpoints (default 0: every due)",
+    )
     p.add_argument("--runs", nargs="+", default=["reuse", "no-reuse", "wandb", "no-checkpoints"])
     add_out(p, "orchestration")
     args = p.parse_args(argv)

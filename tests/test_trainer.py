@@ -143,3 +143,24 @@ def test_eval_every_tokens_aligns_runs_of_different_batch_sizes(small_store):
         )
         points[batch] = [m["tokens"] for m in rec.metrics]
     assert points[4] == points[8] == [2048, 4096, 6144, 8192]
+
+
+def test_checkpoints_wait_for_checkpoint_min_s_of_the_run(small_store):
+    """Due evaluations checkpoint only once checkpoint_min_s seconds have passed since the last
+    checkpoint (or the start): a run shorter than that writes none, and reports the same curve."""
+    runs = {}
+    for seconds in (0.0, 1e6):
+        reports: list[tuple[dict, bool]] = []
+
+        def report(metrics, checkpoint_dir, reports=reports):
+            reports.append((metrics, checkpoint_dir is not None))
+
+        train(MODEL, config(checkpoint_min_s=seconds), small_store, report=report)
+        runs[seconds] = reports
+    assert [saved for _, saved in runs[0.0]] == [True, True, True, True]
+    assert [saved for _, saved in runs[1e6]] == [False, False, False, False]
+    losses = {s: [m["val_loss"] for m, _ in r] for s, r in runs.items()}
+    assert losses[0.0] == losses[1e6]
+    for bad in (-1, True, float("nan")):
+        with pytest.raises(ValueError, match="checkpoint_min_s="):
+            config(checkpoint_min_s=bad)

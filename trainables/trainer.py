@@ -62,6 +62,10 @@ class TrainConfig:
     eval_every_tokens: int | None = None
     eval_tokens: int = 32768  # validation tokens per evaluation
     checkpoint_every: int = 1  # checkpoint at every n-th evaluation; 0 = never
+    # and only once this many seconds of the run have passed since its last checkpoint (or its
+    # start): a trial shorter than this writes none. 0 = at every due evaluation. Each
+    # checkpoint also makes Ray Tune snapshot the whole experiment now and then.
+    checkpoint_min_s: float = 0.0
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU (see autocast_dtype)
     seed: int = 0
     divergence_ratio: float = 1.5  # diverged if train loss > ratio × the step-0 loss, or not finite
@@ -109,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"save_steps={self.save_steps}: positive steps in increasing order")
         if self.checkpoint_every < 0 or self.threads < 0 or not self.divergence_ratio > 1:
             raise ValueError("checkpoint_every and threads must be >= 0, divergence_ratio > 1")
+        seconds = self.checkpoint_min_s
+        number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        if not (number and 0 <= seconds < 1e9):
+            raise ValueError(f"checkpoint_min_s={self.checkpoint_min_s!r}: seconds in [0, 1e9)")
 
     @property
     def tokens_per_step(self) -> int:
@@ -238,6 +246,7 @@ class _Loop:
         self.train_s = 0.0  # training seconds of the current window, evaluation excluded
         self.save_dir: Path | None = None  # where save_steps checkpoints go
         self.in_flight: deque[torch.Tensor] = deque()  # losses of queued steps, not yet read
+        self.last_checkpoint_t = time.perf_counter()  # or the run's start
 
     def run(self) -> dict:
         if self.state["step"] >= self.total_steps:  # resumed from the final checkpoint
@@ -325,14 +334,15 @@ class _Loop:
         if self.report is None:
             return metrics
         every = self.cfg.checkpoint_every
-        if diverged or not every or self.state["n_evals"] % every:
+        recent = time.perf_counter() - self.last_checkpoint_t < self.cfg.checkpoint_min_s
+        if diverged or not every or self.state["n_evals"] % every or recent:
             self.report(metrics, None)
             return metrics
         with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as d:
             state = {**self.state, "rng": ckpt.rng_state()}
             ckpt.save_checkpoint(Path(d) / "state", self.model, self.opt, state)
             self.report(metrics, Path(d))
-        self.window_t0 = time.perf_counter()  # checkpoint I/O is not training time
+        self.window_t0 = self.last_checkpoint_t = time.perf_counter()  # I/O is not training time
         return metrics
 
     def metrics(self, val, diverged: bool, window_s: float) -> dict:
