@@ -122,7 +122,7 @@ def prepare(cfg: DataConfig, cache_dir: str | Path | None = None) -> TokenStore:
         return _prepare(cfg, cache)
     except OSError as e:
         error = storage_error(e, cache)
-        elsewhere = e.filename is not None and not str(e.filename).startswith(str(cache))
+        elsewhere = e.filename is not None and not Path(e.filename).is_relative_to(cache)
         if not isinstance(error, StorageError) or elsewhere:  # e.g. a source that is not there
             raise
         hint = "" if cache_dir is not None else "; SANDBOX_CACHE moves it"

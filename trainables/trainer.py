@@ -135,9 +135,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
     `auto` is bf16 on CUDA devices that support it and fp32 on CPUs: on an AMX CPU, bf16 is
-    slower than fp32 at micro-32 and equal at micro-64 (the step is element-wise work that
-    autocast keeps in fp32), the widths most studies use, and 1.3-2.3x faster from micro-128 up
-    (bench/throughput.py, docs/benchmarks.md): ask for `bf16` there.
+    slower than fp32 at micro-32 (0.117 vs 0.091 CPU s a step, one thread; the step is
+    element-wise work that autocast keeps in fp32), the width most studies use, and 1.4-2.4x
+    faster from micro-128 up (`bench/step_time.py`, docs/benchmarks.md): ask for `bf16` there.
     """
     if precision == "fp32":
         return None
