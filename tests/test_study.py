@@ -17,6 +17,7 @@ from sandbox_service import cli
 from sandbox_service.spec import parse_spec
 from sandbox_service.status import study_states
 from sandbox_service.study import StudyError, run_study
+from trainables import wandb_file
 
 pytestmark = pytest.mark.ray
 
@@ -65,6 +66,9 @@ def test_study_runs_and_records(ray_local, tmp_path):
     assert written["best"] == summary["best"] and written["n_trials"] == 3
     runs = list((folder / "wandb").glob("offline-run-*"))
     assert len(runs) == 3, "one offline W&B run per trial"
+    for run in runs:  # complete, although each actor kept its W&B service for its next trial
+        (run_file,) = run.glob("run-*.wandb")
+        assert wandb_file.has_exit(run_file) and len(wandb_file.history(run_file)) == 3
     assert study_states(str(tmp_path))[0]["state"] == "complete"
     report = ["report", "tiny-run", "--storage", str(tmp_path), "--wandb-mode", "disabled"]
     assert cli.main(report) == 0
