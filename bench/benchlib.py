@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,50 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> floa
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def linear_shapes(model: torch.nn.Module) -> Counter:
+    """(in, out) of every linear map a training step runs: the model's `nn.Linear`s and its
+    tied head (vocabulary × d), with how often each occurs."""
+    shapes = Counter(
+        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    vocab, d = model.embed_tokens.weight.shape
+    shapes[(d, vocab)] += 1
+    return shapes
+
+
+def best_matmul_s(a: torch.Tensor, b: torch.Tensor, seconds: float, reps: int = 3) -> float:
+    """Fastest of repeated a @ b calls over at least `seconds` and `reps` calls, after one."""
+    a @ b
+    best, n, end = float("inf"), 0, time.perf_counter() + seconds
+    while n < reps or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best, n = min(best, time.perf_counter() - t0), n + 1
+    return best
+
+
+def step_matmul_rate(
+    model: torch.nn.Module, rows: int, dtype: torch.dtype, seconds: float = 0.2, passes: int = 2
+) -> float:
+    """FLOP/s of the step's own matmuls at their own shapes: for each linear map (in → out) over
+    `rows` tokens, the forward (rows×in @ in×out) and the two backward products (the input's
+    gradient rows×out @ out×in, the weight's out×rows @ rows×in), each the fastest call over
+    `passes` passes of `seconds` (single calls of a few ms vary by 2× on a shared VM). The
+    step's matmul FLOPs divided by this rate is about the least time the step can take on
+    this machine, attention's score products and everything else aside."""
+    products = Counter()
+    for (n_in, n_out), count in linear_shapes(model).items():
+        for mkn in ((rows, n_in, n_out), (rows, n_out, n_in), (n_out, rows, n_in)):
+            products[mkn] += count
+    best = dict.fromkeys(products, float("inf"))
+    for _ in range(passes):
+        for m, k, n in products:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            best[(m, k, n)] = min(best[(m, k, n)], best_matmul_s(a, b, seconds))
+    flops = sum(count * 2 * m * k * n for (m, k, n), count in products.items())
+    return flops / sum(count * best[mkn] for mkn, count in products.items())
 
 
 def start_ray(num_cpus: int = 2) -> None:

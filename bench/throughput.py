@@ -6,7 +6,11 @@ For each size and precision it times two things in the same process, on the same
 - the reference: the same model written the obvious way (`bench/reference.py`: eager PyTorch,
   masked-softmax attention, full logits, default AdamW), with the trainer's initial weights.
 Model FLOP/s = `flops_per_token` (PaLM App. B) × tokens/s; the peak is the best 2048³ matmul
-of the same dtype measured in this process before and after (the larger is kept). Each figure
+of the same dtype measured in this process before and after (the larger is kept). Beside it,
+the rate of the step's own matmuls at their own shapes (`matmul_gflops`: each linear map's
+forward and two backward products at batch × seq rows, `benchlib.step_matmul_rate`), about
+the ceiling of this step's FLOP/s on this machine, and what share of it the trainer reaches
+(`of_matmul_rate`, model FLOPs incl. attention ÷ that rate). Each figure
 is the best window after a warm-up one: on a shared machine other work only ever slows a
 window down, so the fastest is the closest to what the code itself costs. Targets (CPU):
 trainer ≥ 1.5× the reference's tokens/s, and ≥ 50% of the peak at the largest micro size.
@@ -21,7 +25,16 @@ import argparse
 import time
 
 import torch
-from benchlib import add_out, describe, machine, matmul_peak, random_store, table, write
+from benchlib import (
+    add_out,
+    describe,
+    machine,
+    matmul_peak,
+    random_store,
+    step_matmul_rate,
+    table,
+    write,
+)
 from reference import ReferenceMiniCPM, reference_optimizer, reference_step
 
 from trainables.model import MiniCPM
@@ -87,6 +100,8 @@ def measure(size: str, precision: str, peak: float, args) -> dict:
     ref = max(reference_rate(cfg, store, precision, args))
     tps = max(trainer_rate(cfg, store, precision, args))
     fpt = flops_per_token(cfg, args.seq)
+    rows, dtype = args.batch * args.seq, DTYPES[precision]
+    matmul_rate = step_matmul_rate(MiniCPM(cfg), rows, dtype, seconds=args.matmul_seconds)
     return {
         "model": size,
         "params": non_embedding_params(cfg),
@@ -95,6 +110,8 @@ def measure(size: str, precision: str, peak: float, args) -> dict:
         "tokens_per_s": tps,
         "gflops": fpt * tps / 1e9,
         "of_peak": fpt * tps / peak,
+        "matmul_gflops": matmul_rate / 1e9,
+        "of_matmul_rate": fpt * tps / matmul_rate,
         "reference_tokens_per_s": ref,
         "speedup": tps / ref,
         "loss_gap": same_loss(cfg, store, args),
@@ -109,6 +126,9 @@ COLUMNS = {
     "tokens_per_s": ",.0f",
     "gflops": ",.1f",
     "of_peak": ".0%",
+    "matmul_gflops": ",.1f",
+    "matmul_of_peak": ".0%",
+    "of_matmul_rate": ".0%",
     "reference_tokens_per_s": ",.0f",
     "speedup": ".2f",
     "vs_fp32_reference": ".2f",
@@ -129,6 +149,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--window", type=int, default=1, help="steps per timed window")
     p.add_argument("--windows", type=int, default=4, help="timed windows after one warm-up")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--matmul-seconds", type=float, default=0.2, help="timing of each of the step's matmuls"
+    )
     add_out(p, "throughput")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plain = {r["model"]: r["reference_tokens_per_s"] for r in rows if r["precision"] == "fp32"}
     for row in rows:
         row["of_peak"] = row["gflops"] * 1e9 / peaks[row["precision"]]
+        row["matmul_of_peak"] = row["matmul_gflops"] * 1e9 / peaks[row["precision"]]
         if row["model"] in plain:  # against the obvious loop as written: fp32, no autocast
             row["vs_fp32_reference"] = row["tokens_per_s"] / plain[row["model"]]
     for name, peak in peaks.items():

@@ -46,12 +46,42 @@ def test_gpu_mfu_script_runs_on_cpu(capsys):
 def test_throughput_compares_the_trainer_with_the_reference(tmp_path, keep_threads, capsys):
     out = tmp_path / "throughput.json"
     args = ["--sizes", "micro-32", "--precisions", "fp32", "--batch", "2", "--seq", "32"]
-    rows = load("throughput").main([*args, "--windows", "1", "--out", str(out)])
+    rows = load("throughput").main(
+        [*args, "--windows", "1", "--matmul-seconds", "0.01", "--out", str(out)]
+    )
     (row,) = rows
     assert row["tokens_per_s"] > 0 and row["reference_tokens_per_s"] > 0
+    assert row["matmul_gflops"] > 0
+    assert row["of_matmul_rate"] == pytest.approx(row["gflops"] / row["matmul_gflops"])
     assert row["speedup"] == pytest.approx(row["tokens_per_s"] / row["reference_tokens_per_s"])
     assert json.loads(out.read_text())["rows"][0]["model"] == "micro-32"
     assert "| micro-32 |" in capsys.readouterr().out
+
+
+def test_step_matmuls_are_the_models_linear_maps_and_its_head():
+    from trainables.model import MiniCPM
+    from trainables.shapes import get_config, non_embedding_params
+
+    benchlib = load("benchlib")
+    cfg = get_config("micro-32", vocab_size=512, max_seq_len=32)
+    model = MiniCPM(cfg)
+    shapes = benchlib.linear_shapes(model)
+    assert sum(shapes.values()) == 7 * cfg.n_layers + 1  # q k v o gate up down, and the head
+    assert shapes[(cfg.d_model, cfg.vocab_size)] == 1
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    weights = sum(n_in * n_out * count for (n_in, n_out), count in shapes.items())
+    assert weights - cfg.d_model * cfg.vocab_size == non_embedding_params(cfg) - norms
+    assert benchlib.step_matmul_rate(model, 64, torch.float32, seconds=0.001, passes=1) > 0
+
+
+def test_profile_groups_the_trainers_step(tmp_path, keep_threads, capsys):
+    out = tmp_path / "profile.json"
+    args = ["--size", "micro-32", "--precision", "fp32", "--batch", "2", "--seq", "32"]
+    rows = load("profile_step").main([*args, "--warmup", "1", "--steps", "2", "--out", str(out)])
+    groups = {r["group"]: r["share"] for r in rows}
+    assert groups["matmul"] > 0 and groups["optimizer"] > 0
+    assert sum(groups.values()) == pytest.approx(1.0)
+    assert "| aten::mm | matmul |" in capsys.readouterr().out and out.exists()
 
 
 def test_step_time_counts_cpu_seconds(tmp_path, keep_threads):
