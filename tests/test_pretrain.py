@@ -151,6 +151,49 @@ def test_loss_falls_and_resume_continues_the_same_curve(small_store, tmp_path):
         assert loss == pytest.approx(losses[step], abs=1e-6), step
 
 
+def test_compiled_forward_trains_the_same_curve_and_saves_plain_checkpoints(
+    small_store, tmp_path, monkeypatch
+):
+    """`compile: true` runs the step through torch.compile; Inductor's C++ build takes minutes on
+    CPU, so this uses the aot_eager backend: the same Dynamo capture and AOT autograd, the ops
+    left unfused. Checkpoints keep the plain module's keys, so runs with and without compile
+    resume each other."""
+    torch.set_num_threads(1)
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_(module, **kwargs):
+        compiled.append(module)
+        return real_compile(module, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    eager = run(spec(small_store, steps=8), small_store, tmp_path, "eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    fast = run(spec(small_store, steps=8, compile=True), small_store, tmp_path, "compiled")
+    assert len(compiled) == 1  # the eager run never compiled
+    assert counters["frames"]["ok"] > 0, dict(counters)  # the step ran the captured graph
+    for step, loss in eager.losses().items():
+        assert fast.losses()[step] == pytest.approx(loss, rel=1e-5), step
+    from safetensors import safe_open
+
+    def keys(rec: Recorder) -> list[str]:
+        with safe_open(str(rec.checkpoints[4] / "state" / "model.safetensors"), "pt") as f:
+            return sorted(f.keys())
+
+    assert keys(fast) == keys(eager) and not any("_orig_mod" in k for k in keys(fast))
+    resumed = run(
+        spec(small_store, steps=8),
+        small_store,
+        tmp_path,
+        "resumed",
+        resume_from=fast.checkpoints[4],
+    )
+    for step, loss in resumed.losses().items():
+        assert loss == pytest.approx(eager.losses()[step], rel=1e-5), step
+
+
 def test_anneal_branches_from_a_stable_checkpoint(small_store, tmp_path):
     torch.set_num_threads(1)
     cfg = spec(small_store, steps=16, checkpoint_every=100)

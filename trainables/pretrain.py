@@ -266,7 +266,9 @@ class _Loop:
         self.model = model  # unwrapped (or sharded in place): what is saved and evaluated
         self.sharded: bool = sharded  # FSDP2: every rank evaluates and gathers checkpoints
         self.mixture: Mixture | None = mixture
-        self.ddp = model if self.sharded else rt.wrap(model)
+        self.ddp = model if self.sharded else rt.wrap(model)  # no_sync and gradient hooks
+        # what the step calls: compiled around DDP (its optimizer splits graphs at buckets)
+        self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.amp = autocast_dtype(cfg.precision, rt.device)
         self.schedule = schedule_config(cfg)
         self.end = stage_end(cfg, state["stage"], state["offset"])
@@ -348,8 +350,8 @@ class _Loop:
         """The micro-batch's mean loss; under a mixture also each source's row losses."""
         x, y = (t.to(self.rt.device) for t in part[:2])
         if self.mixture is None:
-            return self.ddp(x, y)
-        rows = row_losses(self.ddp(x), y)  # (mb,)
+            return self.forward_model(x, y)
+        rows = row_losses(self.forward_model(x), y)  # (mb,)
         source, n = part[2], len(self.mixture.names)
         self.source_loss += per_source(rows.detach(), source, n).cpu()
         self.source_rows += per_source(torch.ones_like(rows), source, n).cpu()

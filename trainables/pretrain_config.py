@@ -116,6 +116,9 @@ class PretrainConfig:
     eval_every: int = 1000
     eval_tokens: int = 1 << 20
     precision: str = "auto"
+    # torch.compile the training forward (under DDP/FSDP): fuses the element-wise work and
+    # casts around the matmuls. It pays on long runs: the first steps compile (minutes).
+    compile: bool = False
     seed: int = 0
     batch_schedule: tuple[BatchChange, ...] = ()  # the batch grows at these token counts
     anneal_mixture: tuple[MixtureSource, ...] = ()  # empty: the anneal reads `data` only
