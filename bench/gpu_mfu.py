@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from benchlib import add_out, machine, write
 
 from trainables.model import MiniCPM, build_optimizer
 from trainables.shapes import flops_per_token, get_config
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="only the eager step")
     p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak")
+    add_out(p, "gpu-mfu")
     args = p.parse_args(argv)
+    info = machine()
     device = torch.device(args.device)
     peak_n = args.peak_n or (8192 if device.type == "cuda" else 1024)
     peak = matmul_peak(device, peak_n)
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['tflops']:,.1f} | {row['mfu']:.1%} |",
                 flush=True,
             )
+    extra = {"device": name, "peak_flops": peak, "peak_n": peak_n}
+    write(args.out, info | extra, rows, args=vars(args) | {"out": str(args.out)})
     return rows
 
 

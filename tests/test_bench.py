@@ -35,12 +35,16 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_gpu_mfu_script_runs_on_cpu(capsys):
+def test_gpu_mfu_script_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
     args = ["--device", "cpu", "--sizes", "micro-32", "--seq", "32", "--batch", "2"]
-    rows = load("gpu_mfu").main([*args, "--steps", "1", "--no-compile", "--peak-n", "256"])
+    args += ["--steps", "1", "--no-compile", "--peak-n", "256", "--out", str(out)]
+    rows = load("gpu_mfu").main(args)
     assert [r["model"] for r in rows] == ["micro-32"]
     assert rows[0]["tokens_per_s"] > 0 and 0 < rows[0]["mfu"] < 1
     assert "| micro-32 | no |" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["rows"] == rows and record["machine"]["device"] == "cpu"
 
 
 def test_throughput_compares_the_trainer_with_the_reference(tmp_path, keep_threads, capsys):
