@@ -3,7 +3,8 @@
 Runs the same study of N trivial trials (each reports R results) three ways: W&B disabled,
 W&B offline with one run per trial logged from inside the trial (the sandbox's way), and Ray's
 `WandbLoggerCallback` on the driver (the stock way). Prints wall time, the cost per trial
-against the disabled run, and how many offline runs landed on disk (a crashed or lossy
+against the disabled run, the median time a trial spends in `wandb.init` (its tracker), and how
+many offline runs landed on disk (a crashed or lossy
 variant shows fewer runs than trials).
 
     python bench/wandb_overhead.py [--trials 40] [--reports 5]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ def trial(config: dict) -> None:
 
     from trainables.tracking import TrialTracker, WandbConfig
 
+    t0 = time.perf_counter()
     tracker = TrialTracker(
         WandbConfig(project="bench"),
         mode=config["mode"],
@@ -31,14 +34,16 @@ def trial(config: dict) -> None:
         config={"i": config["i"]},
         directory=config["dir"],
     )
+    init_s = time.perf_counter() - t0
     for step in range(config["reports"]):
-        metrics = {"step": step, "val_loss": 1.0 / (step + 1 + config["i"])}
+        metrics = {"step": step, "val_loss": 1.0 / (step + 1 + config["i"]), "init_s": init_s}
         tracker.log(metrics)
         tune.report(metrics)
     tracker.finish()
 
 
-def run(mode: str, n: int, reports: int, root: Path, callback: bool = False) -> float:
+def run(mode: str, n: int, reports: int, root: Path, callback: bool = False) -> tuple:
+    """Wall seconds of the study, and the median seconds a trial spent creating its tracker."""
     from ray import tune
 
     out = root / mode / ("callback" if callback else "in-trial")
@@ -71,10 +76,13 @@ def run(mode: str, n: int, reports: int, root: Path, callback: bool = False) -> 
     )
     t0 = time.perf_counter()
     try:
-        tuner.fit()
+        grid = tuner.fit()
     except Exception as e:  # the stock callback has crashed the experiment here
         print(f"{mode} (callback={callback}) failed: {type(e).__name__}: {str(e)[-200:]}")
-    return time.perf_counter() - t0
+        return time.perf_counter() - t0, float("nan")
+    wall = time.perf_counter() - t0
+    inits = [r.metrics["init_s"] for r in grid if r.metrics and "init_s" in r.metrics]
+    return wall, statistics.median(inits) if inits else float("nan")
 
 
 def main() -> None:
@@ -88,21 +96,22 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        base = run("disabled", args.trials, args.reports, root)
-        rows = [("disabled", base, 0)]
+        base, init = run("disabled", args.trials, args.reports, root)
+        rows = [("disabled", base, init, 0)]
         for label, mode, cb in (
             ("offline, in trial", "offline", False),
             ("offline, WandbLoggerCallback", "offline", True),
         ):
-            wall = run(mode, args.trials, args.reports, root, cb)
+            wall, init = run(mode, args.trials, args.reports, root, cb)
             out = root / mode / ("callback" if cb else "in-trial")
-            rows.append((label, wall, len(list(out.rglob("offline-run-*")))))
+            rows.append((label, wall, init, len(list(out.rglob("offline-run-*")))))
     ray.shutdown()
     print(f"{args.trials} trials x {args.reports} reports, 2 CPUs, reuse_actors=True")
-    print(f"{'W&B':32s} {'wall s':>8s} {'+s/trial':>9s} {'offline runs':>13s}")
-    for label, wall, runs in rows:
+    print(f"{'W&B':32s} {'wall s':>8s} {'+s/trial':>9s} {'init s':>7s} {'offline runs':>13s}")
+    for label, wall, init, runs in rows:
         extra = (wall - base) / args.trials
-        print(f"{label:32s} {wall:8.1f} {extra:9.3f} {runs:13d}")
+        print(f"{label:32s} {wall:8.1f} {extra:9.3f} {init:7.3f} {runs:13d}")
+    print("init s: median seconds a trial spent creating its W&B run (in-trial tracker)")
 
 
 if __name__ == "__main__":
