@@ -127,11 +127,11 @@ def _stop_service_at_exit() -> None:
     """Keep this process's W&B service for its next run and stop it quietly at exit.
 
     A reused Tune actor runs trial after trial: starting a fresh service for each costs ~0.2 s
-    of a trial's `wandb.init` (0.32–0.37 vs 0.14 s in a Ray actor, offline, 2 CPU cores). At
-    exit W&B's own hook races Ray's teardown of the actor's child processes and prints a
-    ConnectionResetError; registered (again) after each run, so after any service W&B
-    started, this hook runs first (atexit runs hooks last in, first out); every run's file
-    was complete before.
+    of a trial's `wandb.init` (median 0.358 vs 0.151 s offline on 2 CPU cores,
+    `bench/wandb_overhead.py`). At exit W&B's own hook races Ray's teardown of the actor's
+    child processes and prints a ConnectionResetError; registered (again) after each run, so
+    after any service W&B started, this hook runs first (atexit runs hooks last in, first
+    out); every run's file was complete before.
     """
     atexit.unregister(_quiet_teardown)
     atexit.register(_quiet_teardown)
